@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# One command: set up .venv and run the whole test suite (what CI runs).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check factorize experiments tests
+exec .venv/bin/python -m pytest -q "$@"
