@@ -1,0 +1,184 @@
+"""A chain of linear convs: the one shared machinery behind every family.
+
+Every efficient conv block in this library is a sequence of convs with no nonlinearity in
+between (DESIGN.md §1). This module holds the three things all families share:
+
+* :func:`compose` — the stage kernels composed into the one full kernel ``(kh, kw, C, N)``;
+* :func:`chain_macs` / :func:`chain_params` — conventional MACs and parameter count;
+* :func:`run_chain` — the forward pass, stage by stage (never via the composed kernel).
+
+Convention (DESIGN.md §2): every spatial axis is *owned* by exactly one stage, which carries that
+axis' stride, padding and dilation; all other stages are 1-wide along it and run with stride 1
+and no padding. A 1×1 stage before the strided stage therefore runs at the input resolution.
+Because at most one stage has extent along each axis, the composed kernel is a plain product
+along that axis, and the chain with the full conv's padding equals the full conv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from factorize import ops
+from factorize._checks import Padding, normalize_padding, pair
+from factorize.costs import conv_macs
+
+KernelShape = tuple[int, int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One conv of a chain.
+
+    Attributes:
+      shape: the stage kernel ``(kh, kw, in_channels // groups, out_channels)`` (HWIO).
+      groups: ``feature_group_count`` of the conv (``in_channels`` for depthwise).
+      owns: ``(owns_h, owns_w)``, whether this stage carries the stride, padding and dilation
+        of the height / width axis.
+    """
+
+    shape: KernelShape
+    groups: int = 1
+    owns: tuple[bool, bool] = (False, False)
+
+    @property
+    def in_channels(self) -> int:
+        return self.shape[2] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.shape[3]
+
+    @property
+    def params(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def kind(self) -> str:
+        kh, kw, cin_g, cout = self.shape
+        if kh == kw == 1:
+            return "pointwise" if self.groups == 1 else "grouped pointwise"
+        if self.groups == 1:
+            return "dense"
+        if cin_g == 1:
+            return "depthwise"
+        return "grouped"
+
+
+Chain = tuple[Stage, ...]
+
+
+def check_chain(stages: Sequence[Stage], kernel_shape: KernelShape) -> None:
+    """Raises if ``stages`` is not a well-formed chain for a kernel of ``kernel_shape``."""
+    kh, kw, c, n = kernel_shape
+    channels = c
+    for i, st in enumerate(stages):
+        if st.in_channels != channels:
+            raise ValueError(f"stage {i} takes {st.in_channels} channels, previous gives {channels}")
+        if st.out_channels % st.groups:
+            raise ValueError(f"stage {i}: {st.out_channels} outputs not divisible by {st.groups}")
+        channels = st.out_channels
+    if channels != n:
+        raise ValueError(f"chain ends with {channels} channels, kernel has N={n}")
+    for axis, extent in ((0, kh), (1, kw)):
+        owners = [st for st in stages if st.owns[axis]]
+        if len(owners) != 1:
+            raise ValueError(f"axis {axis} must be owned by exactly one stage, got {len(owners)}")
+        if any(st.shape[axis] != 1 for st in stages if not st.owns[axis]):
+            raise ValueError(f"only the owning stage may have extent along axis {axis}")
+        if owners[0].shape[axis] != extent:
+            raise ValueError(f"owning stage has extent {owners[0].shape[axis]} != {extent}")
+
+
+def chain_params(stages: Sequence[Stage]) -> int:
+    """Number of factor entries of the chain (biases excluded)."""
+    return sum(st.params for st in stages)
+
+
+def _stage_geometry(
+    st: Stage, strides: tuple[int, int], pads, dilation: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]], tuple[int, int]]:
+    """The stride, explicit padding and dilation a stage runs with (non-owned axes: identity)."""
+    s = tuple(strides[a] if st.owns[a] else 1 for a in (0, 1))
+    p = tuple(pads[a] if st.owns[a] else (0, 0) for a in (0, 1))
+    d = tuple(dilation[a] if st.owns[a] else 1 for a in (0, 1))
+    return s, p, d
+
+
+def chain_macs(
+    stages: Sequence[Stage],
+    input_hw: int | Sequence[int],
+    strides: int | Sequence[int] = 1,
+    padding: Padding = "SAME",
+    dilation: int | Sequence[int] = 1,
+    *,
+    count_padding: bool = True,
+) -> int:
+    """Conventional MACs of the chain on one ``input_hw`` image (DESIGN.md §2).
+
+    Each stage counts ``output positions × taps × in-channels-per-group × out-channels`` at the
+    resolution it actually runs at. ``count_padding=False`` counts only taps that land inside the
+    input, which is what XLA's ``cost_analysis()`` reports (as FLOPs = 2 × MACs).
+    """
+    hw = pair(input_hw, "input_hw")
+    strides, dilation = pair(strides, "strides"), pair(dilation, "dilation")
+    kernel_hw = _chain_extent(stages)
+    pads = normalize_padding(padding, hw, kernel_hw, strides, dilation)
+    total = 0
+    for st in stages:
+        s, p, d = _stage_geometry(st, strides, pads, dilation)
+        macs, hw = conv_macs(
+            st.shape, hw, s, p, d, groups=st.groups, count_padding=count_padding,
+            return_output_hw=True,
+        )
+        total += macs
+    return total
+
+
+def _chain_extent(stages: Sequence[Stage]) -> tuple[int, int]:
+    return (
+        max(st.shape[0] for st in stages),
+        max(st.shape[1] for st in stages),
+    )
+
+
+def run_chain(
+    x: jax.Array,
+    stages: Sequence[Stage],
+    factors: Sequence[jax.Array],
+    strides: int | Sequence[int] = 1,
+    padding: Padding = "SAME",
+    dilation: int | Sequence[int] = 1,
+) -> jax.Array:
+    """Runs the chain on an NHWC batch, one conv per stage."""
+    strides, dilation = pair(strides, "strides"), pair(dilation, "dilation")
+    pads = normalize_padding(padding, x.shape[1:3], _chain_extent(stages), strides, dilation)
+    for st, kernel in zip(stages, factors, strict=True):
+        s, p, d = _stage_geometry(st, strides, pads, dilation)
+        x = ops.conv(x, kernel, groups=st.groups, strides=s, padding=p, dilation=d)
+    return x
+
+
+def compose(stages: Sequence[Stage], factors: Sequence[jax.Array]) -> jax.Array:
+    """The full kernel ``(kh, kw, C, N)`` equal to the chain (stride 1, no nonlinearity).
+
+    Keeps a running dense kernel ``T`` of shape ``(th, tw, C, M)`` and applies each stage as a
+    grouped contraction; since at most one of ``T`` and the stage has extent along each axis, the
+    spatial composition is an outer product, flattened.
+    """
+    c = stages[0].in_channels
+    dtype = jnp.result_type(*factors)
+    t = jnp.eye(c, dtype=dtype).reshape(1, 1, c, c)
+    for st, kernel in zip(stages, factors, strict=True):
+        sh, sw, cin_g, cout = st.shape
+        g = st.groups
+        th, tw = t.shape[:2]
+        t = t.reshape(th, tw, c, g, cin_g)
+        k = kernel.reshape(sh, sw, cin_g, g, cout // g)
+        t = jnp.einsum("abcgi,xyigo->axbycgo", t, k)
+        t = t.reshape(th * sh, tw * sw, c, cout)
+    return t

@@ -1,0 +1,181 @@
+"""The factorized value: a family's chain of stage kernels, as a JAX pytree."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from factorize import chain as chain_lib
+from factorize._checks import Padding, check_kernel
+from factorize.chain import Chain, KernelShape
+from factorize.families import Rank, RankArg, get_family, resolve_rank
+
+
+@jax.tree_util.register_pytree_node_class
+class Factorized:
+    """A conv kernel ``(kh, kw, C, N)`` held as the stage kernels of a family's chain.
+
+    The factors are the pytree leaves; ``family``, ``rank`` and ``kernel_shape`` are static.
+
+    Attributes:
+      family: the family's name (see ``factorize.FAMILIES``).
+      rank: the resolved rank (an int, a pair for ``tucker2``, ``None`` for ``full``).
+      kernel_shape: the shape of the full kernel this chain equals, HWIO.
+      factors: the stage kernels, HWIO with in-channels per group.
+    """
+
+    def __init__(
+        self, family: str, rank: Rank, kernel_shape: Sequence[int], factors: Sequence[jax.Array]
+    ):
+        self.family = family
+        self.rank = rank
+        self.kernel_shape: KernelShape = tuple(int(s) for s in kernel_shape)  # type: ignore
+        self.factors = tuple(factors)
+        stages = self.stages
+        if len(self.factors) != len(stages):
+            raise ValueError(
+                f"factors: {family!r} at rank {rank} has {len(stages)} stages, "
+                f"got {len(self.factors)} factors"
+            )
+        for i, (st, f) in enumerate(zip(stages, self.factors, strict=True)):
+            if tuple(f.shape) != st.shape:
+                raise ValueError(f"factors[{i}] must have shape {st.shape}, got {tuple(f.shape)}")
+
+    # pytree protocol: leaves are the factors; unflattening skips the shape checks because JAX
+    # may rebuild the value with placeholder leaves.
+    def tree_flatten(self):
+        return self.factors, (self.family, self.rank, self.kernel_shape)
+
+    @classmethod
+    def tree_unflatten(cls, aux, leaves):
+        obj = object.__new__(cls)
+        obj.family, obj.rank, obj.kernel_shape = aux
+        obj.factors = tuple(leaves)
+        return obj
+
+    @property
+    def stages(self) -> Chain:
+        """The chain's stages (shapes, groups, which stage owns stride/padding)."""
+        return get_family(self.family).chain(self.kernel_shape, self.rank)
+
+    @property
+    def params(self) -> int:
+        """Number of factor entries (no bias)."""
+        return chain_lib.chain_params(self.stages)
+
+    def to_kernel(self) -> jax.Array:
+        """The full kernel ``(kh, kw, C, N)`` that the chain equals."""
+        return chain_lib.compose(self.stages, self.factors)
+
+    def macs(
+        self,
+        input_hw: int | Sequence[int],
+        strides: int | Sequence[int] = 1,
+        padding: Padding = "SAME",
+        dilation: int | Sequence[int] = 1,
+        *,
+        count_padding: bool = True,
+    ) -> int:
+        """Conventional MACs of the chain on one image of size ``input_hw``."""
+        return chain_lib.chain_macs(
+            self.stages, input_hw, strides, padding, dilation, count_padding=count_padding
+        )
+
+    def __call__(
+        self,
+        x: jax.Array,
+        strides: int | Sequence[int] = 1,
+        padding: Padding = "SAME",
+        dilation: int | Sequence[int] = 1,
+    ) -> jax.Array:
+        """Runs the chain (never the composed kernel) on an NHWC batch ``x``."""
+        c = self.kernel_shape[2]
+        if x.ndim != 4 or x.shape[-1] != c:
+            raise ValueError(f"x must be NHWC with {c} channels, got shape {tuple(x.shape)}")
+        return chain_lib.run_chain(x, self.stages, self.factors, strides, padding, dilation)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(str(tuple(f.shape)) for f in self.factors)
+        return (
+            f"Factorized(family={self.family!r}, rank={self.rank}, "
+            f"kernel_shape={self.kernel_shape}, factors=[{shapes}])"
+        )
+
+
+def decompose(
+    kernel: Any,
+    family: str,
+    rank: RankArg = "full",
+    *,
+    layout: str = "HWIO",
+    return_info: bool = False,
+    **options: Any,
+) -> Factorized | tuple[Factorized, dict[str, Any]]:
+    """Projects a conv kernel onto a family: the factorized conv closest to it.
+
+    Args:
+      kernel: ``(kh, kw, C, N)`` (HWIO, Flax's layout) or ``(N, C, kh, kw)`` with
+        ``layout="OIHW"`` (PyTorch's).
+      family: one of ``factorize.FAMILIES``.
+      rank: an int (a pair ``(R_in, R_out)`` for ``tucker2``), a float in (0, 1] — the largest
+        rank with at most that fraction of the full kernel's parameters — or ``"full"``, the
+        smallest rank at which the family is exact.
+      return_info: also return the projection's diagnostics (e.g. an error history).
+      **options: family-specific projection options (e.g. ``n_iter`` for CP).
+
+    Returns:
+      The :class:`Factorized` value (and the info dict if ``return_info``).
+
+    Example::
+
+        f = factorize.decompose(w, "dsc", rank=1)  # MobileNet block closest to w
+        y = f(x)                                   # runs depthwise then pointwise
+    """
+    fam = get_family(family)
+    kernel = check_kernel(kernel, layout=layout)
+    shape = tuple(int(s) for s in kernel.shape)
+    r = resolve_rank(fam, shape, rank)
+    factors, info = fam.project(kernel, r, **options)
+    out = Factorized(fam.name, r, shape, factors)
+    return (out, info) if return_info else out
+
+
+def from_factors(
+    family: str, rank: RankArg, kernel_shape: Sequence[int], factors: Sequence[Any]
+) -> Factorized:
+    """A factorized value from given stage kernels (checked against the family's chain)."""
+    fam = get_family(family)
+    shape = tuple(int(s) for s in kernel_shape)
+    r = resolve_rank(fam, shape, rank)  # type: ignore[arg-type]
+    return Factorized(fam.name, r, shape, [jnp.asarray(f) for f in factors])
+
+
+def random_factorized(
+    key: jax.Array, kernel_shape: Sequence[int], family: str, rank: RankArg = "full",
+    *, dtype: Any = jnp.float32,
+) -> Factorized:
+    """Random factors (each stage LeCun-normal over its own fan-in), e.g. to train from scratch."""
+    fam = get_family(family)
+    shape = tuple(int(s) for s in kernel_shape)
+    r = resolve_rank(fam, shape, rank)
+    stages = fam.chain(shape, r)
+    init = jax.nn.initializers.lecun_normal()
+    keys = jax.random.split(key, len(stages))
+    return Factorized(fam.name, r, shape, [init(k, st.shape, dtype) for k, st in zip(keys, stages)])
+
+
+def relative_error(kernel: Any, f: Factorized, *, layout: str = "HWIO") -> jax.Array:
+    """``‖W − f.to_kernel()‖_F / ‖W‖_F``."""
+    w = check_kernel(kernel, layout=layout)
+    if tuple(w.shape) != f.kernel_shape:
+        raise ValueError(
+            f"kernel shape {tuple(w.shape)} does not match the factorized value's "
+            f"kernel_shape {f.kernel_shape}"
+        )
+    norm = jnp.linalg.norm(w)
+    return jnp.linalg.norm(w - f.to_kernel()) / jnp.where(norm > 0, norm, 1.0)
+
+

@@ -1,0 +1,23 @@
+"""The registry of conv families: one table, every family a row."""
+
+from __future__ import annotations
+
+from factorize.families.base import Family, Rank, RankArg, resolve_rank
+from factorize.families.svd import BSCONV, DSC, FULL, LOWRANK_IN, LOWRANK_OUT, SPATIAL
+from factorize.families.tensor import CP3, CP4, TUCKER2
+
+REGISTRY: dict[str, Family] = {
+    f.name: f for f in (FULL, DSC, BSCONV, SPATIAL, LOWRANK_IN, LOWRANK_OUT, TUCKER2, CP3, CP4)
+}
+FAMILIES: tuple[str, ...] = tuple(REGISTRY)
+
+
+def get_family(name: str) -> Family:
+    """The family called ``name``; the error lists the valid names."""
+    try:
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown family {name!r}; expected one of {FAMILIES}") from None
+
+
+__all__ = ["FAMILIES", "Family", "Rank", "RankArg", "get_family", "resolve_rank"]

@@ -1,0 +1,110 @@
+"""What a family is: a chain at a given rank, the range of ranks, and a projection.
+
+Like optax's ``GradientTransformation``, a :class:`Family` is a small bundle of pure functions;
+everything else (composing, counting, running, rank fractions) is shared code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple, Union
+
+import jax
+
+from factorize.chain import Chain, KernelShape, chain_params
+
+Rank = Union[int, tuple[int, int], None]
+RankArg = Union[int, float, tuple[int, int], str, None]
+Factors = tuple[jax.Array, ...]
+# (kernel, rank, **options) -> (factors, info); info holds diagnostics such as error histories.
+Projection = Callable[..., tuple[Factors, dict[str, Any]]]
+
+
+class Family(NamedTuple):
+    """A family of factorized convs.
+
+    Attributes:
+      name: the name ``decompose`` takes.
+      chain: ``(kernel_shape, rank) -> stages``.
+      max_rank: the largest rank accepted for a kernel shape.
+      exact_rank: the smallest rank at which every kernel is represented exactly, or ``None``
+        where no such rank is known in closed form (CP).
+      project: ``(kernel, rank, **options) -> (factors, info)``, the best (or a good) fit.
+      rank_path: the ranks in increasing size, for turning a parameter fraction into a rank.
+      summary: one line for tables and ``--help``.
+    """
+
+    name: str
+    chain: Callable[[KernelShape, Rank], Chain]
+    max_rank: Callable[[KernelShape], Rank]
+    exact_rank: Callable[[KernelShape], Rank]
+    project: Projection
+    rank_path: Callable[[KernelShape], list[Rank]]
+    summary: str
+
+
+def int_rank_path(max_rank: Callable[[KernelShape], Rank]) -> Callable[[KernelShape], list[Rank]]:
+    return lambda shape: list(range(1, int(max_rank(shape)) + 1))  # type: ignore[arg-type]
+
+
+def _check_int_rank(value: Any, upper: int, family: str, what: str = "rank") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} for {family!r} must be an int, got {value!r}")
+    if not 1 <= value <= upper:
+        raise ValueError(f"{what} for {family!r} must be in [1, {upper}], got {value}")
+    return value
+
+
+def resolve_rank(family: Family, kernel_shape: KernelShape, rank: RankArg) -> Rank:
+    """A user's rank argument (int, pair, fraction or ``"full"``) as the family's rank.
+
+    A float ``f`` in (0, 1] means the largest rank whose parameter count is at most ``f`` times
+    the full kernel's (tensorly's convention).
+    """
+    name = family.name
+    upper = family.max_rank(kernel_shape)
+    if upper is None:  # the `full` family has no rank
+        if rank not in (None, "full"):
+            raise ValueError(f"family {name!r} has no rank; pass rank='full' or None, got {rank!r}")
+        return None
+    if isinstance(rank, str):
+        if rank != "full":
+            raise ValueError(f"rank must be an int, a float in (0, 1] or 'full', got {rank!r}")
+        exact = family.exact_rank(kernel_shape)
+        if exact is None:
+            raise ValueError(
+                f"family {name!r} has no smallest exact rank known in closed form; "
+                f"pass an int rank in [1, {upper}] or a fraction in (0, 1]"
+            )
+        return exact
+    if isinstance(rank, float):
+        if not 0.0 < rank <= 1.0:
+            raise ValueError(f"a float rank is a parameter fraction in (0, 1], got {rank}")
+        return _rank_for_fraction(family, kernel_shape, rank)
+    if isinstance(upper, tuple):
+        if not (isinstance(rank, (tuple, list)) and len(rank) == 2):
+            raise TypeError(
+                f"rank for {name!r} must be a pair (R_in, R_out), a float or 'full', got {rank!r}"
+            )
+        return tuple(  # type: ignore[return-value]
+            _check_int_rank(r, u, name, f"rank[{i}]")
+            for i, (r, u) in enumerate(zip(rank, upper, strict=True))
+        )
+    if rank is None:
+        raise TypeError(f"rank for {name!r} is required (an int, a float in (0, 1] or 'full')")
+    return _check_int_rank(rank, upper, name)
+
+
+def _rank_for_fraction(family: Family, kernel_shape: KernelShape, fraction: float) -> Rank:
+    budget = fraction * math.prod(kernel_shape)
+    path = family.rank_path(kernel_shape)
+    params = [chain_params(family.chain(kernel_shape, r)) for r in path]
+    fitting = [r for r, p in zip(path, params, strict=True) if p <= budget]
+    if not fitting:
+        raise ValueError(
+            f"rank={fraction} is below the smallest {family.name!r} factorization of a "
+            f"{kernel_shape} kernel: rank {path[0]} already needs {params[0] / math.prod(kernel_shape):.3f} "
+            f"of the full kernel's parameters"
+        )
+    return fitting[-1]
