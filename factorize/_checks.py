@@ -4,13 +4,12 @@ expected and what came."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import jax
 import numpy as np
 from jax import lax
 
-Padding = Union[str, int, Sequence[int], Sequence[tuple[int, int]]]
+Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
 
 def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:

@@ -78,7 +78,9 @@ def check_chain(stages: Sequence[Stage], kernel_shape: KernelShape) -> None:
     channels = c
     for i, st in enumerate(stages):
         if st.in_channels != channels:
-            raise ValueError(f"stage {i} takes {st.in_channels} channels, previous gives {channels}")
+            raise ValueError(
+                f"stage {i} takes {st.in_channels} channels, previous gives {channels}"
+            )
         if st.out_channels % st.groups:
             raise ValueError(f"stage {i}: {st.out_channels} outputs not divisible by {st.groups}")
         channels = st.out_channels

@@ -164,7 +164,8 @@ def random_factorized(
     stages = fam.chain(shape, r)
     init = jax.nn.initializers.lecun_normal()
     keys = jax.random.split(key, len(stages))
-    return Factorized(fam.name, r, shape, [init(k, st.shape, dtype) for k, st in zip(keys, stages)])
+    factors = [init(k, st.shape, dtype) for k, st in zip(keys, stages, strict=True)]
+    return Factorized(fam.name, r, shape, factors)
 
 
 def relative_error(kernel: Any, f: Factorized, *, layout: str = "HWIO") -> jax.Array:

@@ -15,6 +15,8 @@ from factorize._checks import Padding, pair
 from factorize.factorized import Factorized, random_factorized
 from factorize.families import RankArg
 
+_ZEROS = nnx.initializers.zeros_init()
+
 
 class FactorizedConv(nnx.Module):
     """A conv whose kernel is a family's chain of stage kernels (NHWC in, NHWC out).
@@ -45,7 +47,7 @@ class FactorizedConv(nnx.Module):
         use_bias: bool = True,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
-        bias_init: Callable = nnx.initializers.zeros_init(),
+        bias_init: Callable = _ZEROS,
         rngs: nnx.Rngs,
     ):
         if feature_group_count != 1:

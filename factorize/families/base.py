@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 
 from factorize.chain import Chain, KernelShape, chain_params
 
-Rank = Union[int, tuple[int, int], None]
-RankArg = Union[int, float, tuple[int, int], str, None]
+Rank = int | tuple[int, int] | None
+RankArg = int | float | tuple[int, int] | str | None
 Factors = tuple[jax.Array, ...]
 # (kernel, rank, **options) -> (factors, info); info holds diagnostics such as error histories.
 Projection = Callable[..., tuple[Factors, dict[str, Any]]]
@@ -104,7 +104,7 @@ def _rank_for_fraction(family: Family, kernel_shape: KernelShape, fraction: floa
     if not fitting:
         raise ValueError(
             f"rank={fraction} is below the smallest {family.name!r} factorization of a "
-            f"{kernel_shape} kernel: rank {path[0]} already needs {params[0] / math.prod(kernel_shape):.3f} "
-            f"of the full kernel's parameters"
+            f"{kernel_shape} kernel: rank {path[0]} already needs "
+            f"{params[0] / math.prod(kernel_shape):.3f} of the full kernel's parameters"
         )
     return fitting[-1]

@@ -78,5 +78,7 @@ CP4 = Family(
     exact_rank=lambda s: None,
     project=cp4_project,
     rank_path=int_rank_path(_cp4_max),
-    summary="1×1 C→R, depthwise kh×1, depthwise 1×kw, 1×1 R→N (CP of the kernel, Lebedev et al. 2015)",
+    summary=(
+        "1×1 C→R, depthwise kh×1, depthwise 1×kw, 1×1 R→N (CP of the kernel, Lebedev et al. 2015)"
+    ),
 )
