@@ -1,0 +1,36 @@
+"""Model registry: names as the command line spells them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+from factorize.models.cnn import CNN
+from factorize.models.mobilenet import MobileNet
+from factorize.models.resnet import ResNet18
+
+MODELS: dict[str, type[nnx.Module]] = {"cnn": CNN, "resnet18": ResNet18, "mobilenet": MobileNet}
+
+
+def make_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int,
+    conv: Callable[..., nnx.Module] = nnx.Conv,
+    rngs: nnx.Rngs,
+    **kwargs: Any,
+) -> nnx.Module:
+    """Build model ``name`` (one of :data:`MODELS`); ``kwargs`` go to its constructor."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    return MODELS[name](num_classes, in_channels, conv=conv, rngs=rngs, **kwargs)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters (``nnx.Param``; BatchNorm running stats excluded)."""
+    state = nnx.state(model, nnx.Param)
+    return int(sum(x.size for x in jax.tree.leaves(state)))
