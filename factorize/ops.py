@@ -1,47 +1,47 @@
-"""The conv primitive every chain stage runs through.
+"""The conv primitive every chain stage runs through, and its fast CPU implementations.
 
 All stages of all families call :func:`conv`, so a faster implementation of a stage type
 (depthwise, pointwise, grouped) plugs in here once for every family.
+
+Why a fast path (DESIGN.md §4): on XLA:CPU a grouped conv (``feature_group_count > 1``) runs at
+~1 GFLOP/s, hundreds of times below the dense conv, and its kernel gradient is lowered as a dense
+conv. A depthwise-separable block built from it is *slower* than the full conv it replaces. So
+on CPU:
+
+* pointwise 1×1 → pad, subsample by the stride, one matmul (``dot_general``);
+* depthwise kh×kw / kh×1 / 1×kw (any channel multiplier) and grouped convs with one output per
+  group (BSConv's ``r → 1``) → kh·kw shifted multiply-adds (pad, strided slice, multiply, add),
+  with a ``custom_vjp`` whose input and kernel gradients are shifted multiply-adds too;
+* dense kh×kw → ``lax.conv_general_dilated`` (XLA's own dense conv is the fastest we measured).
+
+Implementations: ``"lax"`` (always ``lax.conv_general_dilated``), ``"fast"`` (the paths above),
+``"auto"`` (default: ``"fast"`` on CPU, ``"lax"`` on GPU/TPU, where native convs are good).
+Pick one for a block of code with :func:`implementation`; it applies at trace time.
+
+Note for users on CPU: ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`` (set before JAX is
+imported) makes XLA's dense and 1×1 convs faster (DESIGN.md §4). This library never sets it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-
-
-def conv(
-    x: jax.Array,
-    kernel: jax.Array,
-    *,
-    groups: int = 1,
-    strides: tuple[int, int] = (1, 1),
-    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)),
-    dilation: tuple[int, int] = (1, 1),
-) -> jax.Array:
-    """NHWC × HWIO convolution with explicit padding; equal to ``lax.conv_general_dilated``."""
-    return lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=strides,
-        padding=padding,
-        rhs_dilation=dilation,
-        dimension_numbers=_DIMENSION_NUMBERS,
-        feature_group_count=groups,
-    )
-
+Pads = tuple[tuple[int, int], tuple[int, int]]
+Pair = tuple[int, int]
 
 # Which implementation `conv` uses; scoped by a context manager, never changed at import.
 _IMPLEMENTATION: contextvars.ContextVar[str] = contextvars.ContextVar(
     "factorize_conv_implementation", default="auto"
 )
-IMPLEMENTATIONS = ("auto", "lax")
+IMPLEMENTATIONS = ("auto", "lax", "fast")
 
 
 @contextlib.contextmanager
@@ -59,3 +59,201 @@ def implementation(name: str) -> Iterator[None]:
 def reference_implementation() -> contextlib.AbstractContextManager[None]:
     """Stages run as plain ``lax.conv_general_dilated`` (what :func:`count_macs` traces)."""
     return implementation("lax")
+
+
+def current_implementation() -> str:
+    """The implementation :func:`conv` would use now (``"auto"`` resolved for the backend)."""
+    name = _IMPLEMENTATION.get()
+    if name == "auto":
+        return "fast" if jax.default_backend() == "cpu" else "lax"
+    return name
+
+
+def conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    groups: int = 1,
+    strides: tuple[int, int] = (1, 1),
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)),
+    dilation: tuple[int, int] = (1, 1),
+) -> jax.Array:
+    """NHWC × HWIO convolution with explicit padding; equal to ``lax.conv_general_dilated``.
+
+    ``kernel`` is ``(kh, kw, C // groups, N)``. Runs the implementation selected by
+    :func:`implementation` (see the module docstring).
+    """
+    strides = (int(strides[0]), int(strides[1]))
+    dilation = (int(dilation[0]), int(dilation[1]))
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)  # type: ignore[assignment]
+    if current_implementation() == "fast":
+        kind = fast_kind(x.shape[-1], kernel.shape, groups)
+        if kind == "pointwise":
+            return pointwise(x, kernel, strides, padding)
+        if kind == "shift":
+            return shifted(x, kernel, groups, strides, padding, dilation)
+    return lax_conv(x, kernel, groups, strides, padding, dilation)
+
+
+def lax_conv(
+    x: jax.Array, kernel: jax.Array, groups: int, strides: Pair, padding: Pads, dilation: Pair
+) -> jax.Array:
+    """The reference: XLA's own convolution."""
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=strides,
+        padding=padding,
+        rhs_dilation=dilation,
+        dimension_numbers=_DIMENSION_NUMBERS,
+        feature_group_count=groups,
+    )
+
+
+def fast_kind(in_channels: int, kernel_shape: tuple[int, ...], groups: int) -> str:
+    """Which fast path a conv takes: ``"pointwise"``, ``"shift"`` or ``"lax"``."""
+    kh, kw, cin_g, cout = kernel_shape
+    if groups == 1:
+        return "pointwise" if kh == kw == 1 else "lax"
+    cout_g = cout // groups
+    # Shifted multiply-adds cost kh·kw·cin_g passes over the output; fine for depthwise
+    # (cin_g = 1, any multiplier) and few-inputs-per-group convs (BSConv: cin_g = rank).
+    if (cin_g == 1 or cout_g == 1) and kh * kw * cin_g <= _MAX_SHIFT_PASSES:
+        return "shift"
+    return "lax"
+
+
+_MAX_SHIFT_PASSES = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# pointwise 1×1: a matmul
+
+
+def pointwise(x: jax.Array, kernel: jax.Array, strides: Pair, padding: Pads) -> jax.Array:
+    """A 1×1 conv as pad → subsample → matmul (a 1×1 tap never reads between strided rows)."""
+    if any(lo or hi for lo, hi in padding):
+        x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0),
+                                                (0, 0, 0)))
+    if strides != (1, 1):
+        x = x[:, :: strides[0], :: strides[1], :]
+    return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+
+
+# ---------------------------------------------------------------------------------------------
+# depthwise / grouped with one output per group: kh·kw shifted multiply-adds
+
+
+def shifted(
+    x: jax.Array,
+    kernel: jax.Array,
+    groups: int,
+    strides: Pair,
+    padding: Pads,
+    dilation: Pair,
+) -> jax.Array:
+    """A grouped conv with ``cin_g == 1`` (depthwise, any multiplier) or ``cout_g == 1``.
+
+    Both become the core :func:`_shift_conv` on ``x5`` of shape ``(B, H, W, I, G)`` with a
+    kernel ``(kh, kw, I, G)``: output ``g`` sums ``I`` inputs over the kh·kw taps.
+    """
+    b, h, w, c = x.shape
+    kh, kw, cin_g, cout = kernel.shape
+    if cin_g == 1:
+        mult = cout // groups
+        if mult > 1:  # lax's group c owns outputs c·m … c·m+m−1, all reading input c
+            x = jnp.repeat(x, mult, axis=-1)
+        x5 = x[:, :, :, None, :]
+    else:  # cout_g == 1: group g reads inputs g·I … g·I+I−1; put I before G so G is minor
+        x5 = x.reshape(b, h, w, groups, cin_g).transpose(0, 1, 2, 4, 3)
+    return _shift_conv(x5, kernel, strides, padding, dilation)
+
+
+def _out_len(n: int, k: int, s: int, pad: tuple[int, int], d: int) -> int:
+    return (n + pad[0] + pad[1] - (k - 1) * d - 1) // s + 1
+
+
+def _pad5(x: jax.Array, config: list[tuple[int, int, int]]) -> jax.Array:
+    if all(c == (0, 0, 0) for c in config):
+        return x
+    full = [(0, 0, 0), *config] + [(0, 0, 0)] * (x.ndim - 3)
+    return lax.pad(x, jnp.zeros((), x.dtype), full)
+
+
+def _tap(xp: jax.Array, i: int, j: int, out_hw: Pair, strides: Pair, dilation: Pair) -> jax.Array:
+    """The input window that kernel tap (i, j) multiplies, for every output position."""
+    (oh, ow), (sh, sw), (dh, dw) = out_hw, strides, dilation
+    start = (0, i * dh, j * dw) + (0,) * (xp.ndim - 3)
+    limit = (xp.shape[0], i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, *xp.shape[3:])
+    return lax.slice(xp, start, limit, (1, sh, sw) + (1,) * (xp.ndim - 3))
+
+
+def _shift_forward(x5, kernel, strides, padding, dilation):
+    _, h, w, _, _ = x5.shape
+    kh, kw = kernel.shape[:2]
+    out_hw = (
+        _out_len(h, kh, strides[0], padding[0], dilation[0]),
+        _out_len(w, kw, strides[1], padding[1], dilation[1]),
+    )
+    xp = _pad5(x5, [(*padding[0], 0), (*padding[1], 0)])
+    acc = None
+    for i in range(kh):
+        for j in range(kw):
+            term = _tap(xp, i, j, out_hw, strides, dilation) * kernel[i, j]
+            acc = term if acc is None else acc + term
+    return acc.sum(axis=3)
+
+
+def _shift_grad_kernel(x5, g, kernel_hw, strides, padding, dilation):
+    """dL/dk[i, j, :, :] = Σ_{b, positions} window(i, j) · g: one reduction per tap."""
+    out_hw = g.shape[1:3]
+    xp = _pad5(x5, [(*padding[0], 0), (*padding[1], 0)])
+    g5 = g[:, :, :, None, :]
+    rows = [
+        [jnp.sum(_tap(xp, i, j, out_hw, strides, dilation) * g5, axis=(0, 1, 2))
+         for j in range(kernel_hw[1])]
+        for i in range(kernel_hw[0])
+    ]
+    return jnp.stack([jnp.stack(r) for r in rows])
+
+
+def _shift_grad_input(g, kernel, in_hw, strides, padding, dilation):
+    """dL/dx: the transposed conv, itself shifted multiply-adds with the flipped kernel.
+
+    ``g`` dilated by the stride (interior padding) and padded so that a stride-1 correlation with
+    the flipped kernel lands exactly on the input positions (negative pads crop).
+    """
+    kh, kw = kernel.shape[:2]
+    config = []
+    for a, k in ((0, kh), (1, kw)):
+        s, d, (lo, _), n, o = strides[a], dilation[a], padding[a], in_hw[a], g.shape[1 + a]
+        low = (k - 1) * d - lo
+        high = n + lo - (o - 1) * s - 1
+        config.append((low, high, s - 1))
+    gp = _pad5(g[:, :, :, None, :], config)
+    flipped = kernel[::-1, ::-1]
+    acc = None
+    for i in range(kh):
+        for j in range(kw):
+            term = _tap(gp, i, j, in_hw, (1, 1), dilation) * flipped[i, j]
+            acc = term if acc is None else acc + term
+    return acc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _shift_conv(x5, kernel, strides, padding, dilation):
+    return _shift_forward(x5, kernel, strides, padding, dilation)
+
+
+def _shift_conv_fwd(x5, kernel, strides, padding, dilation):
+    return _shift_forward(x5, kernel, strides, padding, dilation), (x5, kernel)
+
+
+def _shift_conv_bwd(strides, padding, dilation, res, g):
+    x5, kernel = res
+    dk = _shift_grad_kernel(x5, g, kernel.shape[:2], strides, padding, dilation)
+    dx = _shift_grad_input(g, kernel, x5.shape[1:3], strides, padding, dilation)
+    return dx.astype(x5.dtype), dk.astype(kernel.dtype)
+
+
+_shift_conv.defvjp(_shift_conv_fwd, _shift_conv_bwd)
