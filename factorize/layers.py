@@ -86,13 +86,18 @@ class FactorizedConv(nnx.Module):
         dtype: Any = None,
     ) -> FactorizedConv:
         """The layer holding ``value``'s factors (e.g. from :func:`factorize.decompose`)."""
-        layer = object.__new__(cls)
         if bias is not None:
             bias = jnp.asarray(bias)
             if bias.shape != (value.kernel_shape[3],):
                 raise ValueError(
                     f"bias must have shape ({value.kernel_shape[3]},), got {tuple(bias.shape)}"
                 )
+        kh, kw, c, n = value.kernel_shape
+        # Built through __init__ so NNX registers the module; the fresh factors are replaced.
+        layer = cls(
+            c, n, (kh, kw), family=value.family, rank=value.rank, use_bias=bias is not None,
+            rngs=nnx.Rngs(0),
+        )
         layer._setup(value, bias, strides, padding, kernel_dilation, dtype)
         return layer
 

@@ -8,6 +8,8 @@ unfolding (batched where the structure is per channel). The singular values are 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -52,6 +54,7 @@ FULL = Family(
 # --- dsc: depthwise kh×kw (multiplier r) then pointwise ----------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames="rank")
 def _dsc_project(kernel, rank, **options):
     _no_options("dsc", options)
     kh, kw, c, n = kernel.shape
@@ -79,6 +82,7 @@ DSC = Family(
 # --- bsconv: pointwise then grouped kh×kw (BSConv-U, Haase & Amthor 2020) ----------------------
 
 
+@functools.partial(jax.jit, static_argnames="rank")
 def _bsconv_project(kernel, rank, **options):
     _no_options("bsconv", options)
     kh, kw, c, n = kernel.shape
@@ -106,6 +110,7 @@ BSCONV = Family(
 # --- spatial: kh×1 then 1×kw (Jaderberg et al. 2014) ------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames="rank")
 def _spatial_project(kernel, rank, **options):
     _no_options("spatial", options)
     kh, kw, c, n = kernel.shape
@@ -133,6 +138,7 @@ SPATIAL = Family(
 # --- lowrank_in / lowrank_out: a 1×1 bottleneck before / after the kh×kw conv ------------------
 
 
+@functools.partial(jax.jit, static_argnames="rank")
 def _lowrank_in_project(kernel, rank, **options):
     _no_options("lowrank_in", options)
     kh, kw, c, n = kernel.shape
@@ -157,6 +163,7 @@ LOWRANK_IN = Family(
 )
 
 
+@functools.partial(jax.jit, static_argnames="rank")
 def _lowrank_out_project(kernel, rank, **options):
     _no_options("lowrank_out", options)
     kh, kw, c, n = kernel.shape
