@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from factorize.families.base import Family, Rank, RankArg, resolve_rank
+from factorize.families.base import Family, Rank, RankArg, rank_for_fraction, resolve_rank
 from factorize.families.svd import BSCONV, DSC, FULL, LOWRANK_IN, LOWRANK_OUT, SPATIAL
 from factorize.families.tensor import CP3, CP4, TUCKER2
 
@@ -20,4 +20,6 @@ def get_family(name: str) -> Family:
         raise ValueError(f"unknown family {name!r}; expected one of {FAMILIES}") from None
 
 
-__all__ = ["FAMILIES", "Family", "Rank", "RankArg", "get_family", "resolve_rank"]
+__all__ = [
+    "FAMILIES", "Family", "Rank", "RankArg", "get_family", "rank_for_fraction", "resolve_rank",
+]

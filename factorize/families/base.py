@@ -81,7 +81,7 @@ def resolve_rank(family: Family, kernel_shape: KernelShape, rank: RankArg) -> Ra
     if isinstance(rank, float):
         if not 0.0 < rank <= 1.0:
             raise ValueError(f"a float rank is a parameter fraction in (0, 1], got {rank}")
-        return _rank_for_fraction(family, kernel_shape, rank)
+        return rank_for_fraction(family, kernel_shape, rank)
     if isinstance(upper, tuple):
         if not (isinstance(rank, (tuple, list)) and len(rank) == 2):
             raise TypeError(
@@ -96,15 +96,49 @@ def resolve_rank(family: Family, kernel_shape: KernelShape, rank: RankArg) -> Ra
     return _check_int_rank(rank, upper, name)
 
 
-def _rank_for_fraction(family: Family, kernel_shape: KernelShape, fraction: float) -> Rank:
-    budget = fraction * math.prod(kernel_shape)
+def rank_for_fraction(
+    family: Family,
+    kernel_shape: KernelShape,
+    fraction: float,
+    *,
+    input_hw: int | tuple[int, int] | None = None,
+    strides: int | tuple[int, int] = 1,
+    padding: Any = "SAME",
+    dilation: int | tuple[int, int] = 1,
+) -> Rank:
+    """The largest rank on the family's rank path costing at most ``fraction`` of the full conv.
+
+    Cost is the parameter count, or, given ``input_hw`` (and the layer's geometry), the
+    conventional MACs at that input size. Raises if even the smallest rank costs more.
+    """
+    from factorize.chain import chain_macs
+    from factorize.costs import conv_macs
+
+    if input_hw is None:
+        what = "parameters"
+        full = math.prod(kernel_shape)
+        cost = chain_params
+    else:
+        what = f"MACs at input {input_hw}"
+        full = conv_macs(kernel_shape, input_hw, strides, padding, dilation)
+
+        def cost(stages):
+            return chain_macs(stages, input_hw, strides, padding, dilation)
+
     path = family.rank_path(kernel_shape)
-    params = [chain_params(family.chain(kernel_shape, r)) for r in path]
-    fitting = [r for r, p in zip(path, params, strict=True) if p <= budget]
-    if not fitting:
+    # Costs grow along the path: binary search for the last rank within budget.
+    lo, hi = 0, len(path)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost(family.chain(kernel_shape, path[mid])) <= fraction * full:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo == 0:
+        smallest = cost(family.chain(kernel_shape, path[0])) / full
         raise ValueError(
             f"rank={fraction} is below the smallest {family.name!r} factorization of a "
             f"{kernel_shape} kernel: rank {path[0]} already needs "
-            f"{params[0] / math.prod(kernel_shape):.3f} of the full kernel's parameters"
+            f"{smallest:.3f} of the full conv's {what}"
         )
-    return fitting[-1]
+    return path[lo - 1]
