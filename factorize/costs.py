@@ -136,8 +136,19 @@ def count_macs(fn: Callable, *args, **kwargs) -> int:
     factorize's fast stage implementations are traced as the convolutions they compute, so
     chains count the same whichever implementation runs.
     """
+    from flax import nnx
+
     from factorize import ops
 
+    if isinstance(fn, nnx.Module):
+        # Trace a merged copy: a module in training mode (BatchNorm statistics) must not keep
+        # tracers from this trace in its state.
+        graphdef, state = nnx.split(fn)
+
+        def fn(state, *args, **kwargs):
+            return nnx.merge(graphdef, state)(*args, **kwargs)
+
+        args = (state, *args)
     with ops.reference_implementation():
         closed = jax.make_jaxpr(fn)(*args, **kwargs)
     return _jaxpr_macs(closed.jaxpr)

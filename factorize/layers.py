@@ -127,6 +127,24 @@ class FactorizedConv(nnx.Module):
         return y + bias if bias is not None else y
 
 
+class FactorizedLinear(FactorizedConv):
+    """A dense layer ``(..., C) → (..., N)`` held as a family's chain of a 1×1 kernel.
+
+    A linear layer is a 1×1 conv (DESIGN.md §1), so ``lowrank_in`` / ``lowrank_out`` give the
+    rank-R bottleneck C→R→N and ``tucker2`` a C→R1→R2→N chain. Built by
+    :meth:`from_factorized` from a ``(1, 1, C, N)`` factorization, e.g. by ``factorize.convert``.
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        lead = x.shape[:-1]
+        y = super().__call__(x.reshape(-1, 1, 1, x.shape[-1]))
+        return y.reshape(*lead, y.shape[-1])
+
+    def macs(self, input_hw: int | Sequence[int] = 1) -> int:
+        """MACs per input vector."""
+        return super().macs(1)
+
+
 def conv_factory(family: str = "full", rank: RankArg = "full") -> Callable[..., FactorizedConv]:
     """A ``conv`` factory with ``nnx.Conv``'s signature that builds ``family`` at ``rank``.
 

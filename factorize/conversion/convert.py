@@ -1,0 +1,238 @@
+"""Whole-model conversion: every selected conv of a trained NNX model to a factorized layer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from tqdm.auto import tqdm
+
+from factorize._checks import pair
+from factorize.conversion.policy import Policy, Rule
+from factorize.conversion.report import ConversionReport, LayerRow
+from factorize.costs import conv_macs, count_macs
+from factorize.factorized import decompose, random_factorized, relative_error
+from factorize.families import Rank, get_family, rank_for_fraction
+from factorize.layers import FactorizedConv, FactorizedLinear
+
+SUPPORTED_PADDING = "'SAME', 'VALID', ints or (low, high) pairs"
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(k) for k in path)
+
+
+def candidate_layers(model: nnx.Module) -> dict[str, nnx.Module]:
+    """Every ``nnx.Conv`` and ``nnx.Linear`` in ``model`` by path, in graph order."""
+    return {
+        _path_str(path): node
+        for path, node in nnx.iter_graph(model)
+        if type(node) in (nnx.Conv, nnx.Linear)
+    }
+
+
+def _set_submodule(model: nnx.Module, path: str, module: nnx.Module) -> None:
+    *parents, last = path.split("/")
+    node: Any = model
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else getattr(node, key)
+    if last.isdigit():
+        node[int(last)] = module
+    else:
+        setattr(node, last, module)
+
+
+class _Probe(nnx.Module):
+    """Stands in for a layer during one forward pass and records its input's shape."""
+
+    def __init__(self, inner: nnx.Module, path: str, log: dict[str, tuple[int, ...]]):
+        self.inner, self.path, self.log = inner, path, log
+
+    def __call__(self, x, *args, **kwargs):
+        self.log.setdefault(self.path, tuple(x.shape))
+        return self.inner(x, *args, **kwargs)
+
+
+def layer_inputs(model: nnx.Module, sample_input: Any) -> dict[str, tuple[int, ...]]:
+    """The input shape of every conv/linear layer, in the order the forward pass calls them.
+
+    Runs ``model`` once on the first example of ``sample_input``, in a throwaway copy, so the
+    model itself (e.g. BatchNorm statistics) is untouched.
+    """
+    probe = nnx.clone(model)
+    log: dict[str, tuple[int, ...]] = {}
+    for path, layer in candidate_layers(probe).items():
+        _set_submodule(probe, path, _Probe(layer, path, log))
+    first = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_input)
+    probe(first)
+    return log
+
+
+def _geometry(layer: nnx.Module) -> tuple[tuple[int, int], Any, tuple[int, int], str]:
+    """(strides, padding, dilation, reason it cannot be converted or '')."""
+    if isinstance(layer, nnx.Linear):
+        return (1, 1), "VALID", (1, 1), ""
+    strides = pair(layer.strides or 1, "strides")
+    dilation = pair(layer.kernel_dilation or 1, "kernel_dilation")
+    padding = layer.padding
+    if layer.feature_group_count != 1:
+        groups = layer.feature_group_count
+        return strides, padding, dilation, f"grouped conv (feature_group_count={groups}) kept"
+    if pair(layer.input_dilation or 1, "input_dilation") != (1, 1):
+        return strides, padding, dilation, "input_dilation ≠ 1 kept"
+    if isinstance(padding, str) and padding.upper() not in ("SAME", "VALID"):
+        note = f"padding {padding!r} kept (supported: {SUPPORTED_PADDING})"
+        return strides, padding, dilation, note
+    return strides, padding, dilation, ""
+
+
+def _kernel(layer: nnx.Module) -> jax.Array:
+    k = layer.kernel[...]
+    return k.reshape(1, 1, *k.shape) if isinstance(layer, nnx.Linear) else k
+
+
+def _resolve_rank(rule: Rule, kernel: jax.Array, input_hw, strides, padding, dilation) -> Rank:
+    fam = get_family(rule.family)
+    shape = tuple(kernel.shape)
+    if rule.macs is not None:
+        return rank_for_fraction(
+            fam, shape, rule.macs, input_hw=input_hw, strides=strides, padding=padding,
+            dilation=dilation,
+        )
+    if isinstance(rule.rank, str) and rule.rank != "full":
+        from factorize.decompositions import select_rank_by_name
+
+        return select_rank_by_name(kernel, rule.family, rule.rank)
+    return rule.rank
+
+
+def convert(
+    model: nnx.Module,
+    policy: Policy,
+    sample_input: Any,
+    *,
+    progress: bool = False,
+) -> tuple[nnx.Module, ConversionReport]:
+    """A copy of ``model`` with the layers ``policy`` selects replaced by factorized layers.
+
+    Every selected ``nnx.Conv`` (and ``nnx.Linear``, the 1×1 case) becomes a
+    :class:`~factorize.layers.FactorizedConv` (:class:`~factorize.layers.FactorizedLinear`) with
+    factors from :func:`factorize.decompose`, its bias, stride, padding and dilation kept;
+    everything else (BatchNorm, activations, grouped convs) is untouched. ``model`` itself is
+    never modified.
+
+    Args:
+      model: any NNX module tree.
+      policy: which layers become which family at which rank (:class:`Policy`).
+      sample_input: an input batch for ``model``; one example of it is run to learn each
+        layer's input size (for MAC budgets and the report).
+      progress: show a progress bar over the layers.
+
+    Returns:
+      ``(converted_model, report)``; the report has a row per conv/linear layer (converted or
+      kept) and whole-model totals measured with :func:`factorize.count_macs`.
+
+    Example::
+
+        policy = Policy.uniform("dsc", 1, skip="^conv1$")
+        small, report = factorize.convert(model, policy, x_train[:8])
+        print(report.to_markdown())
+    """
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a factorize.Policy, got {type(policy).__name__}")
+    inputs = layer_inputs(model, sample_input)
+    first = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_input)
+    converted = nnx.clone(model)
+    layers = candidate_layers(converted)
+    order = [p for p in inputs if p in layers]  # forward order; layers never called are skipped
+    rows = []
+    for path in tqdm(order, desc="convert", unit="layer", disable=not progress):
+        layer = layers[path]
+        layer_type = "linear" if isinstance(layer, nnx.Linear) else "conv"
+        kernel = _kernel(layer)
+        shape = tuple(int(s) for s in kernel.shape)
+        in_shape = inputs[path]
+        input_hw = (1, 1) if layer_type == "linear" else (in_shape[1], in_shape[2])
+        strides, padding, dilation, reason = _geometry(layer)
+        if layer_type == "conv":
+            macs_before = conv_macs(shape, input_hw, strides, padding, dilation)
+        else:
+            macs_before = math.prod(shape)  # per input vector
+        params = sum(x.size for x in jax.tree.leaves(nnx.state(layer, nnx.Param)))
+        rule = policy.rule_for(path, layer_type, shape[:2])
+        kept = dict(
+            path=path, layer_type=layer_type, family=None, rank=None, kernel_shape=shape,
+            input_hw=input_hw, strides=strides, params_before=params, params_after=params,
+            macs_before=macs_before, macs_after=macs_before, rel_error=0.0,
+        )
+        if rule is None or rule.family is None or reason:
+            rows.append(LayerRow(**kept, note=reason))
+            continue
+        try:
+            rank = _resolve_rank(rule, kernel, input_hw, strides, padding, dilation)
+        except ValueError as e:
+            if policy.on_infeasible == "keep" and rule.macs is not None:
+                rows.append(LayerRow(**kept, note=f"kept: {e}"))
+                continue
+            raise ValueError(f"layer {path!r}: {e}") from None
+        f = decompose(kernel, rule.family, rank, **rule.options)
+        bias = layer.bias[...] if layer.bias is not None else None
+        if layer_type == "linear":
+            new = FactorizedLinear.from_factorized(f, bias=bias, dtype=layer.dtype)
+        else:
+            new = FactorizedConv.from_factorized(
+                f, bias=bias, strides=strides, padding=padding, kernel_dilation=dilation,
+                dtype=layer.dtype,
+            )
+        _set_submodule(converted, path, new)
+        rows.append(_converted_row(kept, f, new, bias, input_hw, kernel))
+    report = ConversionReport(
+        rows=tuple(rows),
+        model_macs_before=count_macs(model, first),
+        model_macs_after=count_macs(converted, first),
+        model_params_before=_params(model),
+        model_params_after=_params(converted),
+    )
+    return converted, report
+
+
+def _converted_row(kept, f, new, bias, input_hw, kernel) -> LayerRow:
+    row = dict(kept)
+    row.update(
+        family=f.family,
+        rank=f.rank,
+        params_after=f.params + (bias.size if bias is not None else 0),
+        macs_after=new.macs(input_hw),
+        rel_error=float(relative_error(kernel, f)),
+    )
+    return LayerRow(**row)
+
+
+def _params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+LayerBuilder = Callable[[nnx.Module, dict[str, Any], nnx.Rngs], nnx.Module]
+
+
+def layer_builder(old: nnx.Module, layer: dict[str, Any], rngs: nnx.Rngs) -> nnx.Module:
+    """Rebuilds a converted layer's graph (fresh factors) from ``{"family", "rank"}``.
+
+    Pass to ``factorize.models.build`` / checkpoint restore so converted models, linear layers
+    included, come back with their factorization.
+    """
+    if isinstance(old, nnx.Linear):
+        shape = (1, 1, old.in_features, old.out_features)
+        f = random_factorized(rngs.params(), shape, layer["family"], layer["rank"])
+        bias = jnp.zeros((old.out_features,)) if old.bias is not None else None
+        return FactorizedLinear.from_factorized(f, bias=bias, dtype=old.dtype)
+    kh, kw = pair(old.kernel_size, "kernel_size")
+    return FactorizedConv(
+        old.in_features, old.out_features, (kh, kw), family=layer["family"], rank=layer["rank"],
+        strides=old.strides or 1, padding=old.padding, kernel_dilation=old.kernel_dilation or 1,
+        use_bias=old.bias is not None, dtype=old.dtype, rngs=rngs,
+    )
