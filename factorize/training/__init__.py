@@ -11,6 +11,7 @@ from factorize.training.train import (
     evaluate,
     fit,
     make_optimizer,
+    make_train_step,
     train_and_evaluate,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "get_config",
     "make_mesh",
     "make_optimizer",
+    "make_train_step",
     "read_meta",
     "restore",
     "save",

@@ -78,6 +78,41 @@ def _loss(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.A
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    wrt: Filter = nnx.Param,
+    augment: bool = False,
+    seed: int = 0,
+    label_smoothing: float = 0.0,
+) -> Callable:
+    """The jitted step ``(params, rest, opt_state, x, y, step) -> (params, rest, opt_state,
+    loss, accuracy)`` over a model split as ``nnx.split(model, wrt, ...)`` in train mode."""
+    aug_key = jax.random.fold_in(jax.random.key(seed), 1)
+
+    @jax.jit
+    def train_step(params, rest, opt_state, x, y, step):
+        if augment:
+            x = augment_batch(x, jax.random.fold_in(aug_key, step))
+
+        # ``rest`` is an argument (not a closure) and merged with copy=True, so the Variables
+        # that BatchNorm updates belong to grad's trace.
+        def loss_fn(params, rest):
+            m = nnx.merge(graphdef, params, rest, copy=True)
+            logits = m(x)
+            _, _, new_rest = nnx.split(m, wrt, ...)  # updated BatchNorm statistics
+            return _loss(logits, y, label_smoothing).mean(), (logits, new_rest)
+
+        (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        acc = jnp.mean(jnp.argmax(logits, -1) == y)
+        return params, new_rest, opt_state, loss, acc
+
+    return train_step
+
+
 def _eval_fn(graphdef: nnx.GraphDef) -> Callable:
     @jax.jit
     def step(params, rest, x, y, mask):
@@ -173,28 +208,10 @@ def fit(
     graphdef, params, rest = nnx.split(model, wrt, ...)
     opt_state = tx.init(params)
     params, rest, opt_state = parallel.replicate((params, rest, opt_state), mesh)
-    smoothing = config.label_smoothing
-    aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-
-    @jax.jit
-    def train_step(params, rest, opt_state, x, y, step):
-        if augment:
-            x = augment_batch(x, jax.random.fold_in(aug_key, step))
-
-        # ``rest`` is an argument (not a closure) so its Variables belong to grad's trace.
-        def loss_fn(params, rest):
-            m = nnx.merge(graphdef, params, rest, copy=True)
-            logits = m(x)
-            _, _, new_rest = nnx.split(m, wrt, ...)  # updated BatchNorm statistics
-            return _loss(logits, y, smoothing).mean(), (logits, new_rest)
-
-        (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, rest
-        )
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        acc = jnp.mean(jnp.argmax(logits, -1) == y)
-        return params, new_rest, opt_state, loss, acc
+    train_step = make_train_step(
+        graphdef, tx, wrt=wrt, augment=augment, seed=config.seed,
+        label_smoothing=config.label_smoothing,
+    )  # fmt: skip
 
     eval_step = None
     metrics_path = None
