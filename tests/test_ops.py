@@ -1,0 +1,170 @@
+"""The fast conv paths equal lax.conv_general_dilated (forward and gradients) for every stage
+type the families use; MAC counting is unaffected by which implementation runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import factorize
+from factorize import ops
+from factorize._checks import normalize_padding
+
+# (name, input channels, kernel shape HWIO, groups): every stage kind of every family.
+STAGES = [
+    ("depthwise 3x3", 6, (3, 3, 1, 6), 6),
+    ("depthwise 3x3 multiplier 2", 4, (3, 3, 1, 8), 4),
+    ("depthwise 3x1", 6, (3, 1, 1, 6), 6),
+    ("depthwise 1x3", 6, (1, 3, 1, 6), 6),
+    ("grouped r->1 (bsconv)", 8, (3, 3, 2, 4), 4),
+    ("pointwise", 6, (1, 1, 6, 5), 1),
+    ("dense 3x3", 4, (3, 3, 4, 5), 1),
+    ("dense 3x1", 4, (3, 1, 4, 5), 1),
+]
+# (strides, padding, dilation): every stride pattern, padding kind and dilation, few compiles.
+GEOMETRIES = [
+    ((1, 1), "SAME", (1, 1)),
+    ((2, 2), "VALID", (1, 1)),
+    ((2, 1), ((0, 2), (1, 0)), (1, 1)),
+    ((1, 3), "SAME", (1, 1)),
+    ((2, 1), "SAME", (2, 2)),
+    ((1, 2), ((3, 0), (0, 2)), (2, 1)),
+]
+
+
+def _run(impl, x, k, groups, strides, pads, dilation):
+    with ops.implementation(impl):
+        return ops.conv(x, k, groups=groups, strides=strides, padding=pads, dilation=dilation)
+
+
+def _outputs(impl, x, k, groups, strides, pads, dilation):
+    """Forward output and gradients w.r.t. input and kernel of a random linear loss."""
+    y = _run(impl, x, k, groups, strides, pads, dilation)
+    # a fixed non-constant cotangent; jax.random inside the program would dominate compile time
+    ct = jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)
+
+    def loss(x, k):
+        return jnp.vdot(_run(impl, x, k, groups, strides, pads, dilation), ct)
+
+    return (y, *jax.grad(loss, argnums=(0, 1))(x, k))
+
+
+def _check_equal(cin, kshape, groups, geometries, hw=(9, 8)):
+    """All ``(strides, padding, dilation)`` geometries in one jitted program (one compile: the
+    test suite's time is compile time)."""
+    x = jax.random.normal(jax.random.key(0), (2, *hw, cin))
+    k = jax.random.normal(jax.random.key(1), kshape)
+
+    @jax.jit
+    def both(x, k):
+        out = []
+        for strides, padding, dilation in geometries:
+            pads = normalize_padding(padding, hw, kshape[:2], strides, dilation)
+            args = (x, k, groups, strides, pads, dilation)
+            out.append((_outputs("fast", *args), _outputs("lax", *args)))
+        return out
+
+    for geometry, (fast, ref) in zip(geometries, both(x, k), strict=True):
+        for name, a, b in zip(("output", "d/dx", "d/dkernel"), fast, ref, strict=True):
+            assert a.shape == b.shape, (geometry, name)
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"{geometry} {name}")
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s[0])
+def test_fast_equals_lax(stage):
+    _, cin, kshape, groups = stage
+    # Dense stages run XLA's conv on both sides: one geometry checks the dispatch.
+    geometries = GEOMETRIES if ops.fast_kind(cin, kshape, groups) != "lax" else GEOMETRIES[2:3]
+    _check_equal(cin, kshape, groups, geometries, hw=(11, 10))
+
+
+def _primitives(fn, *args) -> set[str]:
+    return {e.primitive.name for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s[0])
+def test_fast_path_is_taken(stage):
+    _, cin, kshape, groups = stage
+    x, k = jnp.ones((1, 6, 6, cin)), jnp.ones(kshape)
+    pads = ((1, 1), (1, 1))
+    prims = _primitives(lambda x, k: _run("fast", x, k, groups, (1, 1), pads, (1, 1)), x, k)
+    expect_lax = groups == 1 and kshape[:2] != (1, 1)  # dense convs stay XLA's
+    assert ("conv_general_dilated" in prims) == expect_lax
+    ref = _primitives(lambda x, k: _run("lax", x, k, groups, (1, 1), pads, (1, 1)), x, k)
+    assert ref == {"conv_general_dilated"}
+
+
+def test_auto_is_fast_on_cpu_and_names_are_checked():
+    assert jax.default_backend() != "cpu" or ops.current_implementation() == "fast"
+    with ops.implementation("lax"):
+        assert ops.current_implementation() == "lax"
+        with ops.reference_implementation():
+            assert ops.current_implementation() == "lax"
+    assert set(ops.IMPLEMENTATIONS) == {"auto", "lax", "fast"}
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        with ops.implementation("cudnn"):
+            pass
+
+
+FAMILY_RANKS = [
+    ("dsc", 2), ("bsconv", 2), ("spatial", 3), ("lowrank_in", 3), ("lowrank_out", 3),
+    ("tucker2", (3, 4)), ("cp3", 5), ("cp4", 5), ("full", "full"),
+]
+
+
+@pytest.mark.parametrize("family,rank", FAMILY_RANKS, ids=lambda v: str(v))
+def test_chain_equal_and_macs_under_both_implementations(family, rank):
+    shape = (3, 3, 4, 6)
+    f = factorize.random_factorized(jax.random.key(0), shape, family, rank)
+    x = jax.random.normal(jax.random.key(1), (2, 9, 7, 4))
+    geom = dict(strides=(2, 1), padding="SAME")
+    outs, grads = {}, {}
+
+    def out_and_grad(f, x):
+        return f(x, **geom), jax.grad(lambda f, x: jnp.sum(f(x, **geom) ** 2), (0, 1))(f, x)
+
+    for impl in ("lax", "fast"):
+        with ops.implementation(impl):
+            outs[impl], grads[impl] = jax.jit(out_and_grad)(f, x)
+            macs = factorize.count_macs(lambda f, x: f(x, **geom), f, x)
+        assert macs == x.shape[0] * f.macs((9, 7), **geom)
+    np.testing.assert_allclose(outs["fast"], outs["lax"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads["fast"]), jax.tree.leaves(grads["lax"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_grad_under_jit_matches_lax():
+    layer = factorize.FactorizedConv(4, 6, (3, 3), family="cp3", rank=5, strides=2,
+                                     rngs=__import__("flax").nnx.Rngs(0))
+    value, bias = layer.to_factorized(), layer.bias[...]
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+
+    def loss(v, x):
+        return jnp.sum(jnp.tanh(v(x, 2) + bias))
+
+    with ops.implementation("fast"):
+        fast = jax.jit(jax.grad(loss, argnums=(0, 1)))(value, x)
+    with ops.implementation("lax"):
+        ref = jax.jit(jax.grad(loss, argnums=(0, 1)))(value, x)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_import_changes_no_global_state():
+    code = (
+        "import os, jax; before = os.environ.get('XLA_FLAGS'); "
+        "import factorize, factorize.ops; "
+        "assert os.environ.get('XLA_FLAGS') == before, os.environ.get('XLA_FLAGS'); "
+        "assert not jax.config.jax_enable_x64; print('ok')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
