@@ -49,6 +49,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model constructor argument, e.g. width=16 (resnet18), alpha=0.5 (mobilenet)",
+    )
     p.add_argument("--epochs", type=int, help="training epochs (default: per dataset/model)")
     p.add_argument("--out", required=True, help="new directory for checkpoint/ and metrics.jsonl")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order, augmentation")
@@ -62,9 +69,26 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", metavar="CKPT", help="fine-tune from this checkpoint")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--data-dir", help="directory holding the dataset files")
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip official checksums (your own files)"
+    )
     p.add_argument("--limit-train", type=int, metavar="N", help="use the first N train images")
     p.add_argument("--limit-test", type=int, metavar="N", help="use the first N test images")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
+    """``["width=16", "widths=[8,16,32]"]`` → ``{"width": 16, "widths": [8, 16, 32]}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model-arg {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -103,6 +127,8 @@ def _run_train(args: argparse.Namespace) -> int:
         augment=args.augment,
         init_checkpoint=str(Path(args.init).absolute()) if args.init else None,
         data_dir=args.data_dir,
+        verify_data=not args.no_verify,
+        model_kwargs=parse_model_args(args.model_arg),
         n_train=args.limit_train,
         n_test=args.limit_test,
         progress=not args.no_progress,
@@ -131,6 +157,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (e.g. RUN/checkpoint)")
     p.add_argument("--dataset", help="dataset to evaluate on (default: the one it was trained on)")
     p.add_argument("--data-dir", help="directory holding the dataset files")
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip official checksums (your own files)"
+    )
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--limit-test", type=int, metavar="N", help="use the first N test images")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -143,6 +172,7 @@ def evaluate_checkpoint(
     data_dir: str | None = None,
     batch_size: int = 500,
     limit_test: int | None = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Test accuracy/loss, conventional MACs per image and parameter count of a checkpoint."""
     import jax.numpy as jnp
@@ -157,7 +187,7 @@ def evaluate_checkpoint(
     name = dataset or meta["metadata"].get("dataset")
     if not name:
         raise ValueError(f"{checkpoint} does not record its dataset; pass --dataset")
-    ds = data_lib.load(name, data_dir=data_dir).subset(None, limit_test)
+    ds = data_lib.load(name, data_dir=data_dir, verify=verify).subset(None, limit_test)
     if ds.in_channels != spec.in_channels or ds.num_classes != spec.num_classes:
         raise ValueError(
             f"checkpoint model takes {spec.in_channels} channels / {spec.num_classes} classes; "
@@ -188,6 +218,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         batch_size=args.batch_size,
         limit_test=args.limit_test,
+        verify=not args.no_verify,
     )
     if args.json:
         print(json.dumps(res))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,15 @@ def make_model(
     """Build model ``name`` (one of :data:`MODELS`); ``kwargs`` go to its constructor."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
-    return MODELS[name](num_classes, in_channels, conv=conv, rngs=rngs, **kwargs)
+    cls = MODELS[name]
+    accepted = [
+        p for p in inspect.signature(cls.__init__).parameters
+        if p not in ("self", "num_classes", "in_channels", "conv", "rngs")
+    ]  # fmt: skip
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"{name} has no argument(s) {unknown}; it takes {accepted}")
+    return cls(num_classes, in_channels, conv=conv, rngs=rngs, **kwargs)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -38,6 +38,7 @@ class TrainConfig:
     augment: bool | None = None
     init_checkpoint: str | None = None
     data_dir: str | None = None
+    verify_data: bool = True  # check the official checksums (False: own files, same format)
     n_train: int | None = None
     n_test: int | None = None
     progress: bool = True

@@ -292,7 +292,7 @@ def train_and_evaluate(
     ckpt_path = workdir / "checkpoint"
     if ckpt_path.exists() or (workdir / "metrics.jsonl").exists():
         raise FileExistsError(f"{workdir} already holds a training run; choose a new directory")
-    ds = data_lib.load(config.dataset, data_dir=config.data_dir)
+    ds = data_lib.load(config.dataset, data_dir=config.data_dir, verify=config.verify_data)
     if config.n_train is not None or config.n_test is not None:
         ds = ds.subset(config.n_train, config.n_test)
 
