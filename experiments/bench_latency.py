@@ -182,13 +182,14 @@ def model_thunks(model, x, y, impl: str, lr: float = 0.01):
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss_fn(params, rest, x, y):
-        m = nnx.merge(graphdef, params, rest)
-        loss = optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-        return loss, nnx.state(m, nnx.Not(nnx.Param))
-
     def train_step(params, rest, x, y):
-        (loss, rest), g = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, x, y)
+        m = nnx.merge(graphdef, params, rest)
+
+        def loss_fn(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+        loss, g = nnx.value_and_grad(loss_fn)(m)
+        _, params, rest = nnx.split(m, nnx.Param, ...)
         return jax.tree.map(lambda p, d: p - lr * d, params, g), rest, loss
 
     model.eval()
@@ -227,8 +228,11 @@ def model_rows(repeats: int, quick: bool, impl: str):
         inf, tr = model_thunks(model, x, y, impl)
         key = (model_name, fam)
         thunks[("infer", key)], thunks[("train", key)] = inf, tr
+        model.eval()
+        graphdef, state = nnx.split(model)
+        macs = factorize.count_macs(lambda s, x, g=graphdef: nnx.merge(g, s)(x), state, x)
         meta[key] = dict(model=model_name, family=fam, rank=str(rank), batch=b, hw=hw,
-                         macs_per_image=factorize.count_macs(lambda m, x: m(x), model, x) // b)
+                         macs_per_image=macs // b)
     times = median_times(thunks, repeats)
     return [
         {**m, "infer_s": times[("infer", k)], "train_s": times[("train", k)]}
