@@ -176,6 +176,11 @@ def relative_error(kernel: Any, f: Factorized, *, layout: str = "HWIO") -> jax.A
             f"kernel shape {tuple(w.shape)} does not match the factorized value's "
             f"kernel_shape {f.kernel_shape}"
         )
+    return _relative_error(w, f)
+
+
+@jax.jit
+def _relative_error(w: jax.Array, f: Factorized) -> jax.Array:
     norm = jnp.linalg.norm(w)
     return jnp.linalg.norm(w - f.to_kernel()) / jnp.where(norm > 0, norm, 1.0)
 

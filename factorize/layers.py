@@ -93,10 +93,13 @@ class FactorizedConv(nnx.Module):
                     f"bias must have shape ({value.kernel_shape[3]},), got {tuple(bias.shape)}"
                 )
         kh, kw, c, n = value.kernel_shape
-        # Built through __init__ so NNX registers the module; the fresh factors are replaced.
-        layer = cls(
-            c, n, (kh, kw), family=value.family, rank=value.rank, use_bias=bias is not None,
-            rngs=nnx.Rngs(0),
+        # Built through __init__ (abstractly: no random init runs) so NNX registers the
+        # module; its placeholder factors are then replaced.
+        layer = nnx.eval_shape(
+            lambda: cls(
+                c, n, (kh, kw), family=value.family, rank=value.rank, use_bias=bias is not None,
+                rngs=nnx.Rngs(0),
+            )
         )
         layer._setup(value, bias, strides, padding, kernel_dilation, dtype)
         return layer

@@ -46,30 +46,38 @@ def _set_submodule(model: nnx.Module, path: str, module: nnx.Module) -> None:
         setattr(node, last, module)
 
 
-class _Probe(nnx.Module):
-    """Stands in for a layer during one forward pass and records its input's shape."""
+class _Log:
+    """Input shapes by layer path (an identity-hashed object, so NNX keeps it as static)."""
 
-    def __init__(self, inner: nnx.Module, path: str, log: dict[str, tuple[int, ...]]):
+    def __init__(self):
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+
+class _Probe(nnx.Module):
+    """Stands in for a layer while the model is traced and records its input's shape."""
+
+    def __init__(self, inner: nnx.Module, path: str, log: _Log):
         self.inner, self.path, self.log = inner, path, log
 
     def __call__(self, x, *args, **kwargs):
-        self.log.setdefault(self.path, tuple(x.shape))
+        self.log.shapes.setdefault(self.path, tuple(x.shape))
         return self.inner(x, *args, **kwargs)
 
 
 def layer_inputs(model: nnx.Module, sample_input: Any) -> dict[str, tuple[int, ...]]:
     """The input shape of every conv/linear layer, in the order the forward pass calls them.
 
-    Runs ``model`` once on the first example of ``sample_input``, in a throwaway copy, so the
-    model itself (e.g. BatchNorm statistics) is untouched.
+    Traces (does not run) the model on the first example of ``sample_input``, on a copy, so
+    the model itself (e.g. BatchNorm statistics) is untouched.
     """
     probe = nnx.clone(model)
-    log: dict[str, tuple[int, ...]] = {}
+    log = _Log()
     for path, layer in candidate_layers(probe).items():
         _set_submodule(probe, path, _Probe(layer, path, log))
+    graphdef, state = nnx.split(probe)
     first = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_input)
-    probe(first)
-    return log
+    jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, first)
+    return log.shapes
 
 
 def _geometry(layer: nnx.Module) -> tuple[tuple[int, int], Any, tuple[int, int], str]:

@@ -80,7 +80,8 @@ class ConversionReport:
         writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         for r in self.rows:
-            writer.writerow({k: _cell(v) for k, v in _row_dict(r).items()})
+            row = {k: _cell(v) for k, v in _row_dict(r).items()}
+            writer.writerow({**row, "rank": _rank_str(r.rank)})
         return out.getvalue()
 
     def to_markdown(self) -> str:
@@ -93,7 +94,7 @@ class ConversionReport:
             ratio = r.macs_after / r.macs_before if r.macs_before else 1.0
             kernel = "×".join(map(str, r.kernel_shape))
             lines.append(
-                f"| `{r.path}` | {r.family or 'kept'} | {_cell(r.rank)} | {kernel} "
+                f"| `{r.path}` | {r.family or 'kept'} | {_rank_str(r.rank)} | {kernel} "
                 f"| {r.input_hw[0]}×{r.input_hw[1]} | {r.params_before:,} → {r.params_after:,} "
                 f"| {r.macs_before:,} | {r.macs_after:,} | {ratio:.3f} | {r.rel_error:.4f} |"
                 + (f" {r.note}" if r.note else "")
@@ -124,3 +125,9 @@ def _cell(v: Any) -> str:
     if isinstance(v, (tuple, list)):
         return "×".join(map(str, v)) if all(isinstance(x, int) for x in v) else str(v)
     return "" if v is None else str(v)
+
+
+def _rank_str(rank: Any) -> str:
+    if rank is None:
+        return ""
+    return str(tuple(rank)) if isinstance(rank, (tuple, list)) else str(rank)
