@@ -157,8 +157,15 @@ CASES = [
 def test_every_model_trains_a_step(name, factory):
     cfg = SMALL[name]
     conv = nnx.Conv if factory is None else conv_factory(*factory)
+    first = factory is None or factory[0] == "dsc"
     m = make_model(
-        name, num_classes=10, in_channels=cfg["shape"][-1], conv=conv, rngs=nnx.Rngs(0), **cfg["kw"]
+        name,
+        num_classes=10,
+        in_channels=cfg["shape"][-1],
+        conv=conv,
+        factorize_first=first,
+        rngs=nnx.Rngs(0),
+        **cfg["kw"],
     )
     x = jax.random.uniform(jax.random.key(1), cfg["shape"])
     y = jnp.arange(cfg["shape"][0]) % 10
