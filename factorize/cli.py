@@ -106,6 +106,8 @@ def _run_train(args: argparse.Namespace) -> int:
         raise FileExistsError(f"--out {out} already exists and is not empty; choose a new one")
     if args.init and not Path(args.init).is_dir():
         raise FileNotFoundError(f"--init {args.init}: no such checkpoint directory")
+    if args.family is None and args.rank != "full":
+        raise ValueError("--rank needs --family (e.g. --family dsc --rank 1)")
     family = None if args.family in (None, "full") and args.rank == "full" else args.family
     if family is not None:
         from factorize.families import FAMILIES

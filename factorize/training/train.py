@@ -274,7 +274,7 @@ def fit(
                 f.write(json.dumps(row) + "\n")
         if config.progress:
             tqdm.write(" ".join(_fmt(k, v) for k, v in row.items()))
-    nnx.update(model, jax.device_get(params), jax.device_get(rest))
+    nnx.update(model, params, rest)
     model.eval()
     return history
 
