@@ -160,8 +160,8 @@ def evaluate(
     bs = _round_batch(min(batch_size, max(len(x), 1)), mesh)
     loss_sum, correct = 0.0, 0.0
     for xb, yb, mb in _batches_padded(x, y, bs):
-        l, c = step(params, rest, *parallel.shard_batch((xb, yb, mb), mesh))
-        loss_sum, correct = loss_sum + l, correct + c
+        batch_loss, c = step(params, rest, *parallel.shard_batch((xb, yb, mb), mesh))
+        loss_sum, correct = loss_sum + batch_loss, correct + c
     n = max(len(x), 1)
     return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
 
