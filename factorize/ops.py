@@ -154,63 +154,114 @@ def shifted(
 ) -> jax.Array:
     """A grouped conv with ``cin_g == 1`` (depthwise, any multiplier) or ``cout_g == 1``.
 
-    Both become the core :func:`_shift_conv` on ``x5`` of shape ``(B, H, W, I, G)`` with a
-    kernel ``(kh, kw, I, G)``: output ``g`` sums ``I`` inputs over the kh·kw taps.
+    Both become depthwise convs (:func:`_depthwise`, ``(B, H, W, G)`` × ``(kh, kw, G)``):
+    with a multiplier ``m`` the input is repeated ``m`` times; with ``I`` inputs per group and
+    one output the result is a sum of ``I`` depthwise convs.
     """
     b, h, w, c = x.shape
     kh, kw, cin_g, cout = kernel.shape
+    geometry = (strides, padding, dilation)
     if cin_g == 1:
         mult = cout // groups
         if mult > 1:  # lax's group c owns outputs c·m … c·m+m−1, all reading input c
             x = jnp.repeat(x, mult, axis=-1)
-        x5 = x[:, :, :, None, :]
-    else:  # cout_g == 1: group g reads inputs g·I … g·I+I−1; put I before G so G is minor
-        x5 = x.reshape(b, h, w, groups, cin_g).transpose(0, 1, 2, 4, 3)
-    return _shift_conv(x5, kernel, strides, padding, dilation)
+        return _depthwise(x, kernel[:, :, 0, :], *geometry)
+    # cout_g == 1: group g reads inputs g·I … g·I+I−1; (B, H, W, I, G) makes each I-slice a
+    # contiguous depthwise input.
+    xt = x.reshape(b, h, w, groups, cin_g).transpose(0, 1, 2, 4, 3)
+    terms = [_depthwise(xt[:, :, :, i, :], kernel[:, :, i, :], *geometry) for i in range(cin_g)]
+    return functools.reduce(jnp.add, terms)
 
 
 def _out_len(n: int, k: int, s: int, pad: tuple[int, int], d: int) -> int:
     return (n + pad[0] + pad[1] - (k - 1) * d - 1) // s + 1
 
 
-def _pad5(x: jax.Array, config: list[tuple[int, int, int]]) -> jax.Array:
+def _pad_hw(x: jax.Array, config: list[tuple[int, int, int]]) -> jax.Array:
     if all(c == (0, 0, 0) for c in config):
         return x
-    full = [(0, 0, 0), *config] + [(0, 0, 0)] * (x.ndim - 3)
-    return lax.pad(x, jnp.zeros((), x.dtype), full)
+    return lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *config, (0, 0, 0)])
 
 
 def _tap(xp: jax.Array, i: int, j: int, out_hw: Pair, strides: Pair, dilation: Pair) -> jax.Array:
     """The input window that kernel tap (i, j) multiplies, for every output position."""
     (oh, ow), (sh, sw), (dh, dw) = out_hw, strides, dilation
-    start = (0, i * dh, j * dw) + (0,) * (xp.ndim - 3)
-    limit = (xp.shape[0], i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, *xp.shape[3:])
-    return lax.slice(xp, start, limit, (1, sh, sw) + (1,) * (xp.ndim - 3))
+    start = (0, i * dh, j * dw, 0)
+    limit = (xp.shape[0], i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, xp.shape[3])
+    return lax.slice(xp, start, limit, (1, sh, sw, 1))
 
 
-def _shift_forward(x5, kernel, strides, padding, dilation):
-    _, h, w, _, _ = x5.shape
+# Shifted multiply-adds are memory-bound: kh·kw passes over the input. Running them over a few
+# images at a time keeps each chunk in cache (measured 1.8× forward, 2.5× kernel gradient, C=256,
+# 32×32, batch 32, chunk of 4 images).
+_CHUNK_BYTES = 4 << 20
+
+
+def _chunk(batch: int, image_bytes: int) -> int:
+    """Images per chunk: the largest divisor of ``batch`` whose chunk fits ``_CHUNK_BYTES``."""
+    fit = max(1, _CHUNK_BYTES // max(1, image_bytes))
+    return max(d for d in range(1, batch + 1) if batch % d == 0 and d <= fit)
+
+
+def _image_bytes(a: jax.Array) -> int:
+    return a[0].size * a.dtype.itemsize
+
+
+def _chunked_map(fn, *arrays):
+    """``fn`` over batch chunks of ``arrays`` (sequentially), outputs concatenated on the batch."""
+    b = arrays[0].shape[0]
+    cb = _chunk(b, max(_image_bytes(a) for a in arrays))
+    if cb == b:
+        return fn(*arrays)
+    split = [a.reshape(b // cb, cb, *a.shape[1:]) for a in arrays]
+    out = lax.map(lambda xs: fn(*xs), split)
+    return out.reshape(b, *out.shape[2:])
+
+
+def _chunked_sum(fn, *arrays):
+    """``Σ_chunks fn(chunk)`` over batch chunks of ``arrays``."""
+    b = arrays[0].shape[0]
+    cb = _chunk(b, max(_image_bytes(a) for a in arrays))
+    if cb == b:
+        return fn(*arrays)
+    split = [a.reshape(b // cb, cb, *a.shape[1:]) for a in arrays]
+    first = fn(*[a[0] for a in split])
+    total, _ = lax.scan(lambda acc, xs: (acc + fn(*xs), None), first, [a[1:] for a in split])
+    return total
+
+
+def _shift_forward(x, kernel, strides, padding, dilation):
+    return _chunked_map(lambda x: _shift_forward_all(x, kernel, strides, padding, dilation), x)
+
+
+def _shift_forward_all(x, kernel, strides, padding, dilation):
+    _, h, w, _ = x.shape
     kh, kw = kernel.shape[:2]
     out_hw = (
         _out_len(h, kh, strides[0], padding[0], dilation[0]),
         _out_len(w, kw, strides[1], padding[1], dilation[1]),
     )
-    xp = _pad5(x5, [(*padding[0], 0), (*padding[1], 0)])
+    xp = _pad_hw(x, [(*padding[0], 0), (*padding[1], 0)])
     acc = None
     for i in range(kh):
         for j in range(kw):
             term = _tap(xp, i, j, out_hw, strides, dilation) * kernel[i, j]
             acc = term if acc is None else acc + term
-    return acc.sum(axis=3)
+    return acc
 
 
-def _shift_grad_kernel(x5, g, kernel_hw, strides, padding, dilation):
+def _shift_grad_kernel(x, g, kernel_hw, strides, padding, dilation):
     """dL/dk[i, j, :, :] = Σ_{b, positions} window(i, j) · g: one reduction per tap."""
+    return _chunked_sum(
+        lambda x, g: _shift_grad_kernel_all(x, g, kernel_hw, strides, padding, dilation), x, g
+    )
+
+
+def _shift_grad_kernel_all(x, g, kernel_hw, strides, padding, dilation):
     out_hw = g.shape[1:3]
-    xp = _pad5(x5, [(*padding[0], 0), (*padding[1], 0)])
-    g5 = g[:, :, :, None, :]
+    xp = _pad_hw(x, [(*padding[0], 0), (*padding[1], 0)])
     rows = [
-        [jnp.sum(_tap(xp, i, j, out_hw, strides, dilation) * g5, axis=(0, 1, 2))
+        [jnp.sum(_tap(xp, i, j, out_hw, strides, dilation) * g, axis=(0, 1, 2))
          for j in range(kernel_hw[1])]
         for i in range(kernel_hw[0])
     ]
@@ -223,6 +274,12 @@ def _shift_grad_input(g, kernel, in_hw, strides, padding, dilation):
     ``g`` dilated by the stride (interior padding) and padded so that a stride-1 correlation with
     the flipped kernel lands exactly on the input positions (negative pads crop).
     """
+    return _chunked_map(
+        lambda g: _shift_grad_input_all(g, kernel, in_hw, strides, padding, dilation), g
+    )
+
+
+def _shift_grad_input_all(g, kernel, in_hw, strides, padding, dilation):
     kh, kw = kernel.shape[:2]
     config = []
     for a, k in ((0, kh), (1, kw)):
@@ -230,7 +287,7 @@ def _shift_grad_input(g, kernel, in_hw, strides, padding, dilation):
         low = (k - 1) * d - lo
         high = n + lo - (o - 1) * s - 1
         config.append((low, high, s - 1))
-    gp = _pad5(g[:, :, :, None, :], config)
+    gp = _pad_hw(g, config)
     flipped = kernel[::-1, ::-1]
     acc = None
     for i in range(kh):
@@ -241,19 +298,21 @@ def _shift_grad_input(g, kernel, in_hw, strides, padding, dilation):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _shift_conv(x5, kernel, strides, padding, dilation):
-    return _shift_forward(x5, kernel, strides, padding, dilation)
+def _depthwise(x, kernel, strides, padding, dilation):
+    """Depthwise conv ``(B, H, W, G)`` × ``(kh, kw, G)`` as shifted multiply-adds; its VJP is
+    shifted multiply-adds too (XLA lowers a grouped conv's kernel gradient as a dense conv)."""
+    return _shift_forward(x, kernel, strides, padding, dilation)
 
 
-def _shift_conv_fwd(x5, kernel, strides, padding, dilation):
-    return _shift_forward(x5, kernel, strides, padding, dilation), (x5, kernel)
+def _shift_conv_fwd(x, kernel, strides, padding, dilation):
+    return _shift_forward(x, kernel, strides, padding, dilation), (x, kernel)
 
 
 def _shift_conv_bwd(strides, padding, dilation, res, g):
-    x5, kernel = res
-    dk = _shift_grad_kernel(x5, g, kernel.shape[:2], strides, padding, dilation)
-    dx = _shift_grad_input(g, kernel, x5.shape[1:3], strides, padding, dilation)
-    return dx.astype(x5.dtype), dk.astype(kernel.dtype)
+    x, kernel = res
+    dk = _shift_grad_kernel(x, g, kernel.shape[:2], strides, padding, dilation)
+    dx = _shift_grad_input(g, kernel, x.shape[1:3], strides, padding, dilation)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-_shift_conv.defvjp(_shift_conv_fwd, _shift_conv_bwd)
+_depthwise.defvjp(_shift_conv_fwd, _shift_conv_bwd)
