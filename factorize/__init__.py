@@ -9,6 +9,8 @@ package expresses every such block as exact factors of a full kernel (``decompos
 
 from factorize.chain import Stage
 from factorize.costs import conv_macs, count_macs, xla_flops
+from factorize.decompositions.rank import evbmf, select_rank
+from factorize.decompositions.tensorly_interop import from_tensorly, to_tensorly
 from factorize.factorized import (
     Factorized,
     decompose,
@@ -29,9 +31,13 @@ __all__ = [
     "conv_macs",
     "count_macs",
     "decompose",
+    "evbmf",
     "from_factors",
+    "from_tensorly",
     "get_family",
     "random_factorized",
     "relative_error",
+    "select_rank",
+    "to_tensorly",
     "xla_flops",
 ]

@@ -1,0 +1,229 @@
+"""factorize vs tensorly on conv kernels: CP-ALS (cp3, cp4) and Tucker-2, side by side.
+
+Both run in this one process on the same float32 kernels with the same rank, the same iteration
+budget (no early stop on either side) and the same initialisation kind: tensorly 0.10 with its
+numpy backend (``parafac`` on the kernel as ``(C, N, kh, kw)`` for cp4 and ``(C, N, kh·kw)`` for
+cp3, ``partial_tucker`` on modes C, N for tucker2) and ``factorize.decompose``. For each row it
+prints the first-call time (factorize: including jit compilation), the steady-state time (median
+of ``--repeats`` further calls), the relative error ``‖W − Ŵ‖/‖W‖`` of each (computed here, in
+float64, from the returned factors) and the ratios. Kernels: ``random`` (i.i.d. normal),
+``planted`` (exact CP rank R, or Tucker ranks (R1, R2), plus 10 % Gaussian noise) and, with
+``--kernel PATH.npy`` (HWIO), a trained kernel.
+
+``--resnet18`` instead times the whole-model check: cp4 at a quarter of the parameters on every
+3×3 conv kernel of a ResNet-18-sized set (11.0M parameters, random kernels).
+
+Command (the README's table):
+
+    python experiments/bench_decompose.py --json bench_decompose.json
+    python experiments/bench_decompose.py --resnet18
+
+Expected runtime on 2 CPU cores: about 15–25 minutes for the full table (tensorly's cp4 on
+(512,512,3,3) at rank 256 alone takes ~5 minutes per kernel), under a minute for ``--resnet18``,
+and ~20 s for ``--quick`` (one small shape, used by the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+import factorize
+
+SHAPES = ((64, 64, 3, 3), (256, 256, 3, 3), (512, 512, 3, 3))  # (N, C, kh, kw), as papers list
+CP_RANKS = (64, 256)
+TUCKER_RANKS = ((64, 64),)
+RESNET18_3X3 = (  # (C, N, count) of ResNet-18's 3×3 convs
+    (64, 64, 4), (64, 128, 1), (128, 128, 3), (128, 256, 1), (256, 256, 3),
+    (256, 512, 1), (512, 512, 3),
+)
+
+
+def make_kernel(shape_oihw, kind: str, family: str, rank, seed: int) -> np.ndarray:
+    """An HWIO float32 kernel of unit Frobenius norm."""
+    n, c, kh, kw = shape_oihw
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        w = rng.standard_normal((kh, kw, c, n))
+    elif kind == "planted":
+        if family == "tucker2":
+            r1, r2 = rank
+            core = rng.standard_normal((kh, kw, r1, r2))
+            u = np.linalg.qr(rng.standard_normal((c, r1)))[0]
+            v = np.linalg.qr(rng.standard_normal((n, r2)))[0]
+            w = np.einsum("hwij,ci,nj->hwcn", core, u, v)
+        elif family == "cp3":
+            f = [rng.standard_normal((s, rank)) for s in (kh * kw, c, n)]
+            w = np.einsum("kr,cr,nr->kcn", *f).reshape(kh, kw, c, n)
+        else:
+            f = [rng.standard_normal((s, rank)) for s in (kh, kw, c, n)]
+            w = np.einsum("hr,wr,cr,nr->hwcn", *f)
+        w /= np.linalg.norm(w)
+        noise = rng.standard_normal(w.shape)
+        w = w + 0.1 * noise / np.linalg.norm(noise)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    return (w / np.linalg.norm(w)).astype(np.float32)
+
+
+def rel_error(w: np.ndarray, approx: np.ndarray) -> float:
+    w = w.astype(np.float64)
+    return float(np.linalg.norm(w - approx) / np.linalg.norm(w))
+
+
+def run_factorize(w, family, rank, n_iter, init):
+    f = factorize.decompose(w, family, rank, n_iter=n_iter, tol=None,
+                            **({} if family == "tucker2" else {"init": init}))
+    jax.block_until_ready(f.factors)
+    return f
+
+
+def run_tensorly(w, family, rank, n_iter, init):
+    """tensorly's result as an HWIO float64 reconstruction (numpy backend, scoped)."""
+    import tensorly as tl
+    from tensorly.decomposition import parafac, partial_tucker
+
+    kh, kw, c, n = w.shape
+    with tl.backend_context("numpy"):
+        if family == "tucker2":
+            x = w.transpose(2, 3, 0, 1)  # (C, N, kh, kw)
+            (core, factors), _ = partial_tucker(
+                x, rank=list(rank), modes=[0, 1], n_iter_max=n_iter, init=init, tol=0
+            )
+            approx = tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1])
+            return approx.astype(np.float64).transpose(2, 3, 0, 1)
+        x = w.transpose(2, 3, 0, 1) if family == "cp4" else w.reshape(kh * kw, c, n).transpose(
+            1, 2, 0)
+        cp = parafac(x, rank, n_iter_max=n_iter, init=init, tol=0, random_state=0)
+        approx = tl.cp_to_tensor(cp).astype(np.float64)
+        if family == "cp4":
+            return approx.transpose(2, 3, 0, 1)
+        return approx.transpose(2, 0, 1).reshape(kh, kw, c, n)
+
+
+def timed(fn: Callable, repeats: int):
+    t0 = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, first, (statistics.median(times) if times else first)
+
+
+def bench_row(w, kind, family, rank, shape, args) -> dict:
+    f, fz_first, fz_time = timed(
+        lambda: run_factorize(w, family, rank, args.n_iter, args.init), args.repeats)
+    fz_err = rel_error(w, np.asarray(f.to_kernel(), np.float64))
+    approx, tl_first, tl_time = timed(
+        lambda: run_tensorly(w, family, rank, args.n_iter, args.init), args.tl_repeats)
+    tl_err = rel_error(w, approx)
+    row = {
+        "family": family, "shape": list(shape), "rank": list(rank) if isinstance(rank, tuple)
+        else rank, "kind": kind, "n_iter": args.n_iter, "init": args.init,
+        "fz_first_s": fz_first, "fz_time_s": fz_time, "tl_first_s": tl_first,
+        "tl_time_s": tl_time, "fz_rel_error": fz_err, "tl_rel_error": tl_err,
+        "speedup": tl_time / fz_time,
+        # errors below 1e-6 (exact fits, float32 round-off) count as equal
+        "error_ratio": max(fz_err, 1e-6) / max(tl_err, 1e-6),
+    }
+    print(
+        f"{family:8s} {str(tuple(shape)):17s} {str(rank):10s} {kind:8s} "
+        f"{fz_first:8.2f} {fz_time:8.2f} {tl_time:8.2f} {row['speedup']:7.1f}x "
+        f"{fz_err:9.5f} {tl_err:9.5f} {row['error_ratio']:7.4f}",
+        flush=True,
+    )
+    return row
+
+
+def resnet18(args) -> None:
+    rng = np.random.default_rng(0)
+    kernels = [
+        (rng.standard_normal((3, 3, c, n)) / np.sqrt(9 * c)).astype(np.float32)
+        for c, n, count in RESNET18_3X3 for _ in range(count)
+    ]
+    params = sum(k.size for k in kernels)
+    t0 = time.perf_counter()
+    errs, fparams = [], 0
+    for k in kernels:
+        f = factorize.decompose(k, "cp4", 0.25, n_iter=args.n_iter, tol=None)
+        jax.block_until_ready(f.factors)
+        fparams += f.params
+        errs.append(float(factorize.relative_error(k, f)))
+    total = time.perf_counter() - t0
+    print(
+        f"ResNet-18 3x3 kernels: {len(kernels)} convs, {params / 1e6:.2f}M parameters -> cp4 at "
+        f"0.25: {fparams / 1e6:.2f}M; {args.n_iter} ALS sweeps each; total {total:.1f} s "
+        f"(including jit compilation); mean rel. error {np.mean(errs):.4f}",
+        flush=True,
+    )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"convs": len(kernels), "params": params, "factorized_params": fparams,
+                       "n_iter": args.n_iter, "time_s": total,
+                       "mean_rel_error": float(np.mean(errs))}, fh, indent=1)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", help="write the rows as a JSON list to this path")
+    p.add_argument("--quick", action="store_true", help="one small shape, few iterations")
+    p.add_argument("--resnet18", action="store_true", help="the whole-model timing instead")
+    p.add_argument("--shapes", default=None, help="e.g. 256x256x3x3,512x512x3x3 (N×C×kh×kw)")
+    p.add_argument("--families", default="cp4,cp3,tucker2")
+    p.add_argument("--kinds", default="random,planted")
+    p.add_argument("--kernel", help="a trained HWIO kernel (.npy) to add as kind 'trained'")
+    p.add_argument("--n-iter", type=int, default=100)
+    p.add_argument("--init", default="svd", choices=("svd", "random"))
+    p.add_argument("--repeats", type=int, default=3, help="factorize steady-state calls")
+    p.add_argument("--tl-repeats", type=int, default=1, help="tensorly steady-state calls")
+    args = p.parse_args(argv)
+    if args.resnet18:
+        resnet18(args)
+        return []
+    shapes = SHAPES
+    cp_ranks, tucker_ranks = CP_RANKS, TUCKER_RANKS
+    if args.quick:
+        shapes, cp_ranks, tucker_ranks = ((32, 24, 3, 3),), (8,), ((8, 6),)
+        args.n_iter, args.repeats = min(args.n_iter, 20), 1
+    if args.shapes:
+        shapes = tuple(tuple(int(x) for x in s.split("x")) for s in args.shapes.split(","))
+    families = args.families.split(",")
+    kinds = args.kinds.split(",")
+    print(f"jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s); "
+          f"n_iter={args.n_iter}, init={args.init}; times in s", flush=True)
+    print(f"{'family':8s} {'shape (N,C,kh,kw)':17s} {'rank':10s} {'kind':8s} {'fz 1st':>8s} "
+          f"{'fz':>8s} {'tl':>8s} {'speedup':>8s} {'fz err':>9s} {'tl err':>9s} {'ratio':>7s}")
+    rows = []
+    trained = np.load(args.kernel).astype(np.float32) if args.kernel else None
+    for shape in shapes:
+        for family in families:
+            for rank in tucker_ranks if family == "tucker2" else cp_ranks:
+                r = rank if family != "tucker2" else tuple(min(a, b) for a, b in
+                                                           zip(rank, shape[1::-1], strict=True))
+                for seed, kind in enumerate(kinds):
+                    w = make_kernel(shape, kind, family, r, seed)
+                    rows.append(bench_row(w, kind, family, r, shape, args))
+    if trained is not None:
+        kh, kw, c, n = trained.shape
+        for family in families:
+            for rank in tucker_ranks if family == "tucker2" else cp_ranks:
+                r = rank if family != "tucker2" else (min(rank[0], c), min(rank[1], n))
+                rows.append(bench_row(trained, "trained", family, r, (n, c, kh, kw), args))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
