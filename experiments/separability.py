@@ -219,7 +219,8 @@ def load_network(out: Path, args):
         ckpt, source = Path(args.checkpoint), str(Path(args.checkpoint).resolve())
     else:
         ckpt, source = _train_baseline(out, args)
-    model, meta = restore(ckpt, return_meta=True)
+    # orbax wants absolute paths (restore() does not make them so)
+    model, meta = restore(Path(ckpt).resolve(), return_meta=True)
     image_shape = meta["metadata"].get("image_shape")
     if image_shape is None:
         raise SystemExit(f"{ckpt}: checkpoint metadata has no image_shape; cannot trace inputs")
@@ -532,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--families", nargs="+", default=list(SVD_FAMILIES + TENSOR_FAMILIES))
     p.add_argument("--points", type=int, default=10,
                    help="max ranks per SVD-family curve (all ranks up to MAC fraction 1)")
-    p.add_argument("--tensor-points", type=int, default=5,
+    p.add_argument("--tensor-points", type=int, default=3,
                    help="max ranks per tucker2/cp curve (CP-ALS is slow)")
     p.add_argument("--tensor-max", type=float, default=0.5,
                    help="largest MAC fraction for tucker2/cp curves")
@@ -548,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.quick:
         # Each new (shape, rank) compiles a projection: keep the count small.
         args.families = [f for f in args.families if f in ("dsc", "bsconv", "lowrank_in")]
-        args.points = 3
+        args.points = 2
     run(args.out, args)
     print(f"wrote {args.out / MD}")
     print((args.out / MD).read_text().split("### Verdict (all k×k layers)")[-1].strip())
