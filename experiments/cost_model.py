@@ -310,8 +310,7 @@ def run(out: Path, args) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Example: python3 experiments/cost_model.py --out results/cost_model",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("results/cost_model"),
                    help="results directory (default: %(default)s)")

@@ -385,7 +385,9 @@ def _plots(out: Path, layers: list[dict], points: list[dict], order: list[str]) 
 
     matplotlib.use("Agg")  # files only; set here, never when the library is imported
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.25, not 2.5×10⁻¹
     n = len(order)
     ncols = min(n, 2)
     nrows = math.ceil(n / ncols)
@@ -410,7 +412,9 @@ def _plots(out: Path, layers: list[dict], points: list[dict], order: list[str]) 
         ax.set_xscale("log")
         ax.set_title(f"{name} {'×'.join(map(str, t['shape']))} (solid trained, dashed random)",
                      fontsize=9)
-        ax.set_xlabel("singular value index i")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_xlabel("singular value index i (log)")
         ax.set_ylabel("σ_i / σ_1 (mean over slices)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -425,7 +429,7 @@ def _plots(out: Path, layers: list[dict], points: list[dict], order: list[str]) 
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4 * nrows), squeeze=False)
     for ax, name in zip(axes.flat, order, strict=False):
         for fam in fams:
-            for kind, style in (("trained", "-o"), ("random", "--")):
+            for kind, style in (("trained", "-o"), ("random", "--x")):
                 pts = sorted((p for p in points if p["layer"] == name and p["kind"] == kind
                               and p["family"] == fam), key=lambda p: p["mac_fraction"])
                 if pts:
@@ -439,6 +443,9 @@ def _plots(out: Path, layers: list[dict], points: list[dict], order: list[str]) 
         ax.set_title(f"{name} {'×'.join(map(str, t['shape']))}, input "
                      f"{'×'.join(map(str, t['input_hw']))}, stride {t['strides'][0]} "
                      "(dashed: random)", fontsize=9)
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel("MAC fraction of the full conv (log)")
         ax.set_ylabel("energy kept, 1 − rel. error²")
         ax.grid(True, which="both", alpha=0.3)
@@ -521,8 +528,7 @@ def _rank_json(rank: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Example: python3 experiments/separability.py --out results/separability",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("results/separability"),
                    help="results directory (default: %(default)s)")
