@@ -256,8 +256,9 @@ def worker(args) -> list[dict]:
     return rows
 
 
-def run_config(config: str, argv: Sequence[str]) -> list[dict]:
-    """Runs the worker in a subprocess with XLA_FLAGS for ``config``."""
+def run_config(config: str, argv: Sequence[str], keep: Path | None = None) -> list[dict]:
+    """Runs the worker in a subprocess with XLA_FLAGS for ``config`` (rows also saved to
+    ``keep``, so a long run's finished configs survive an interrupted later one)."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = CONFIGS[config]
     root = Path(__file__).resolve().parents[1]
@@ -269,6 +270,9 @@ def run_config(config: str, argv: Sequence[str]) -> list[dict]:
     subprocess.run(cmd, env=env, check=True)
     rows = json.loads(Path(out).read_text())
     os.unlink(out)
+    if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        keep.write_text(json.dumps(rows, indent=1))
     return rows
 
 
@@ -349,7 +353,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     raw = list(sys.argv[1:] if argv is None else argv)
     configs = [c for c in args.configs.split(",") if c]
-    per_config = {c: run_config(c, raw) for c in configs}
+    per_config = {
+        c: run_config(c, raw, args.json.with_suffix(f".{c}.json") if args.json else None)
+        for c in configs
+    }
     rows = merge(per_config, args.models)
     if args.models:
         print_model_table(rows, configs)
