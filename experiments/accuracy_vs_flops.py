@@ -59,7 +59,7 @@ class Sweep:
 
 SWEEPS = {
     "digits": Sweep("digits", "cnn", epochs=15, finetune_epochs=2, fractions=(0.25,)),
-    "fashion_mnist": Sweep("fashion_mnist", "cnn", epochs=8, finetune_epochs=2, fractions=(0.25,)),
+    "fashion_mnist": Sweep("fashion_mnist", "cnn", epochs=12, finetune_epochs=2, fractions=(0.25,)),
     "cifar10": Sweep("cifar10", "resnet18", epochs=30, finetune_epochs=5, fractions=(0.25,)),
 }
 QUICK = dict(epochs=2, finetune_epochs=1, fractions=(0.25,), seeds=(0,), families=("dsc", "cp3"),

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from factorize.conversion import commands as _conv_cmd
+
 # Errors that mean "bad input" (message for the user, no traceback). Kept as names so that
 # importing the CLI stays cheap; resolved lazily in main().
 _USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError)
@@ -254,6 +256,30 @@ COMMANDS: dict[str, Command] = {
         _run_eval,
     ),
 }
+
+# The conversion jobs (factorize.conversion.commands).
+COMMANDS.update({
+    "convert": (
+        "convert a checkpoint's convs into a factorized family, optionally fine-tune",
+        "factorize convert runs/digits-cnn/checkpoint --family dsc --macs 0.25 --skip '^conv1$' "
+        "--finetune-epochs 2 --out runs/digits-dsc",
+        _conv_cmd.add_convert,
+        _conv_cmd.run_convert,
+    ),
+    "inspect": (
+        "per-layer shapes, MACs, params and each family's error at a few MAC fractions",
+        "factorize inspect runs/digits-cnn/checkpoint --fractions 0.5,0.25",
+        _conv_cmd.add_inspect,
+        _conv_cmd.run_inspect,
+    ),
+    "decompose": (
+        "decompose one raw kernel (.npz or .safetensors) into a family's factors",
+        "factorize decompose conv.safetensors --key weight --layout OIHW --family cp4 --rank 0.25 "
+        "--out conv_cp4.safetensors",
+        _conv_cmd.add_decompose,
+        _conv_cmd.run_decompose,
+    ),
+})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -158,7 +158,7 @@ def convert(
     layers = candidate_layers(converted)
     order = [p for p in inputs if p in layers]  # forward order; layers never called are skipped
     rows = []
-    for path in tqdm(order, desc="convert", unit="layer", disable=not progress):
+    for path in tqdm(order, desc="convert", unit="layer", disable=not progress, leave=False):
         layer = layers[path]
         layer_type = "linear" if isinstance(layer, nnx.Linear) else "conv"
         kernel = _kernel(layer)
@@ -187,7 +187,10 @@ def convert(
                 rows.append(LayerRow(**kept, note=f"kept: {e}"))
                 continue
             raise ValueError(f"layer {path!r}: {e}") from None
-        f = decompose(kernel, rule.family, rank, **rule.options)
+        try:
+            f = decompose(kernel, rule.family, rank, **rule.options)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"layer {path!r}: {e}") from None
         bias = layer.bias[...] if layer.bias is not None else None
         if layer_type == "linear":
             new = FactorizedLinear.from_factorized(f, bias=bias, dtype=layer.dtype)

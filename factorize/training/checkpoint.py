@@ -161,7 +161,7 @@ def restore(
     """
     import orbax.checkpoint as ocp
 
-    path = Path(path)
+    path = Path(path).absolute()  # orbax requires absolute paths
     meta = read_meta(path)
     _verify(path / STATE, meta["manifest"])
     model = build(meta["spec"], rngs=nnx.Rngs(0), layer_builder=layer_builder)

@@ -1,0 +1,283 @@
+"""Command-line jobs of the conversion: ``factorize convert``, ``inspect`` and ``decompose``.
+
+Registered in :data:`factorize.cli.COMMANDS`; each ``_run_*`` raises ``ValueError`` /
+``FileNotFoundError`` / ``FileExistsError`` for bad input, which the CLI turns into a one-line
+message and exit status 2. Outputs are written under a temporary name and renamed into place,
+so a failed command leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# --------------------------------------------------------------------------------- convert
+
+
+def add_convert(p: argparse.ArgumentParser) -> None:
+    from factorize.cli import parse_rank
+    from factorize.families import FAMILIES
+
+    p.add_argument("checkpoint", help="checkpoint directory (from `factorize train`)")
+    p.add_argument("--family", choices=FAMILIES, help="family for every conv (or --rules)")
+    p.add_argument("--rank", type=parse_rank, default="full",
+                   help="int, r1,r2 (tucker2), parameter fraction in (0, 1], full, evbmf")
+    p.add_argument("--macs", type=float, help="instead of --rank: MAC fraction per conv")
+    p.add_argument("--skip", help="regex of layer paths to keep, e.g. '^conv1$'")
+    p.add_argument("--rules", help="JSON rules file (see factorize.conversion.Policy)")
+    p.add_argument("--finetune-epochs", type=int, default=0)
+    p.add_argument("--freeze-factors", action="store_true",
+                   help="fine-tune everything but the factors")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="fine-tuning learning rate")
+    p.add_argument("--dataset", help="dataset for fine-tuning (default: the checkpoint's)")
+    p.add_argument("--data-dir")
+    p.add_argument("--out", required=True, help="new directory for checkpoint/ and report.*")
+
+
+def _policy(args: argparse.Namespace):
+    from factorize.conversion import Policy
+
+    if args.rules:
+        if args.family:
+            raise ValueError("give either --rules or --family, not both")
+        return Policy.from_file(args.rules)
+    if not args.family:
+        raise ValueError("--family (or --rules) is required")
+    rank = "full" if args.macs is not None else args.rank
+    return Policy.uniform(args.family, rank, macs=args.macs, skip=args.skip)
+
+
+def _new_output_dir(out: str) -> Path:
+    path = Path(out)
+    if path.exists():
+        raise FileExistsError(f"--out {out!r} already exists; choose a new directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    from factorize.conversion import convert, layer_builder
+    from factorize.conversion.finetune import finetune
+    from factorize.training import checkpoint, get_config
+
+    out = _new_output_dir(args.out)
+    policy = _policy(args)
+    model, meta = checkpoint.restore(args.checkpoint, layer_builder=layer_builder,
+                                     return_meta=True)
+    metadata = meta.get("metadata", {})
+    image_shape = metadata.get("image_shape")
+    dataset = args.dataset or metadata.get("dataset")
+    if image_shape is None:
+        raise ValueError(f"{args.checkpoint}: checkpoint metadata lacks image_shape")
+    converted, report = convert(model, policy, jnp.zeros((1, *image_shape)), progress=True)
+    if not report.converted:
+        what = f"rules file {args.rules!r}" if args.rules else "the policy"
+        raise ValueError(f"{what} matched no convertible layer; layers: "
+                         + ", ".join(r.path for r in report.rows))
+    extra: dict[str, Any] = {}
+    if args.finetune_epochs > 0:
+        from factorize import data
+
+        if not dataset:
+            raise ValueError("--dataset is required to fine-tune (the checkpoint names none)")
+        ds = data.load(dataset, data_dir=args.data_dir)
+        config = get_config(dataset, meta["spec"].model, epochs=args.finetune_epochs,
+                            learning_rate=args.learning_rate, warmup_epochs=0.0)
+        result = finetune(converted, ds, config, freeze_factors=args.freeze_factors)
+        extra = {k: result[k] for k in ("accuracy_before", "accuracy_after", "freeze_factors")}
+        print(f"accuracy: converted {result['accuracy_before']:.4f} → fine-tuned "
+              f"{result['accuracy_after']:.4f}")
+    spec = meta["spec"]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        report.save(tmp)
+        checkpoint.save(tmp / "checkpoint", converted, spec, metadata={
+            **metadata, "converted_from": os.path.abspath(args.checkpoint),
+            "policy": policy.to_dict(), "mac_ratio": report.mac_ratio, **extra,
+        })
+        if extra:
+            (tmp / "finetune.json").write_text(json.dumps(extra, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(report.to_markdown())
+    print(f"wrote {out}/checkpoint, report.json, report.md, report.csv")
+    return 0
+
+
+# --------------------------------------------------------------------------------- inspect
+
+
+def add_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--fractions", default="0.5,0.25,0.125",
+                   help="MAC fractions at which to project each layer (comma-separated)")
+    p.add_argument("--families", help="comma-separated subset (default: every family)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def inspect_model(model, image_shape, families, fractions) -> list[dict[str, Any]]:
+    """Per conv layer: shape, MACs, params, and each family's relative error at each MAC
+    fraction (``None`` where the family cannot get that low)."""
+    import jax.numpy as jnp
+    from tqdm.auto import tqdm
+
+    from factorize.conversion import Policy, convert
+
+    _, report = convert(model, Policy(()), jnp.zeros((1, *image_shape)))
+    rows = []
+    layers = {p: m for p, m in _layers(model).items()}
+    for r in tqdm(report.rows, desc="inspect", unit="layer"):
+        row = dict(path=r.path, kernel_shape=list(r.kernel_shape), input_hw=list(r.input_hw),
+                   macs=r.macs_before, params=r.params_before, errors={})
+        if r.layer_type == "conv" and "grouped" not in r.note:
+            for fam in families:
+                for frac in fractions:
+                    row["errors"][f"{fam}@{frac:g}"] = _error_at(layers[r.path], r, fam, frac)
+        rows.append(row)
+    return rows
+
+
+def _layers(model):
+    from factorize.conversion import candidate_layers
+
+    return candidate_layers(model)
+
+
+def _error_at(layer, row, family: str, fraction: float) -> float | None:
+    from factorize.factorized import decompose, relative_error
+    from factorize.families import get_family, rank_for_fraction
+
+    try:
+        rank = rank_for_fraction(get_family(family), row.kernel_shape, fraction,
+                                 input_hw=row.input_hw, strides=row.strides,
+                                 padding=layer.padding)
+    except ValueError:
+        return None
+    kernel = layer.kernel[...]
+    return float(relative_error(kernel, decompose(kernel, family, rank)))
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from factorize.conversion import layer_builder
+    from factorize.families import FAMILIES
+    from factorize.training import checkpoint
+
+    families = [f.strip() for f in args.families.split(",")] if args.families else [
+        f for f in FAMILIES if f != "full"]
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"--families: unknown {unknown}; valid: {', '.join(FAMILIES)}")
+    try:
+        fractions = [float(f) for f in args.fractions.split(",")]
+    except ValueError:
+        raise ValueError(f"--fractions must be numbers, got {args.fractions!r}") from None
+    if not all(0 < f <= 1 for f in fractions):
+        raise ValueError(f"--fractions must lie in (0, 1], got {args.fractions!r}")
+    model, meta = checkpoint.restore(args.checkpoint, layer_builder=layer_builder,
+                                     return_meta=True)
+    image_shape = meta.get("metadata", {}).get("image_shape")
+    if image_shape is None:
+        raise ValueError(f"{args.checkpoint}: checkpoint metadata lacks image_shape")
+    rows = inspect_model(model, image_shape, families, fractions)
+    if args.json:
+        print(json.dumps({"layers": rows, "fractions": fractions, "families": families}))
+        return 0
+    cols = [f"{fam}@{frac:g}" for fam in families for frac in fractions]
+    print("Relative kernel error ‖W − Ŵ‖/‖W‖ of each family at each MAC fraction "
+          "(– : the family cannot get that low).\n")
+    print("| layer | kernel | input | MACs | params | " + " | ".join(cols) + " |")
+    print("|---|---|---|---:|---:|" + "---:|" * len(cols))
+    for r in rows:
+        errs = [r["errors"].get(c) for c in cols]
+        cells = " | ".join("–" if e is None else f"{e:.3f}" for e in errs)
+        print(f"| `{r['path']}` | {'×'.join(map(str, r['kernel_shape']))} "
+              f"| {r['input_hw'][0]}×{r['input_hw'][1]} | {r['macs']:,} | {r['params']:,} "
+              f"| {cells} |")
+    return 0
+
+
+# ------------------------------------------------------------------------------- decompose
+
+
+def add_decompose(p: argparse.ArgumentParser) -> None:
+    from factorize.cli import parse_rank
+    from factorize.families import FAMILIES
+
+    p.add_argument("kernel", help="a .npz (one array, or pick with --key) or .safetensors file")
+    p.add_argument("--key", help="the array's name inside the file")
+    p.add_argument("--family", required=True, choices=FAMILIES)
+    p.add_argument("--rank", type=parse_rank, default="full")
+    p.add_argument("--layout", choices=("HWIO", "OIHW"), default="HWIO",
+                   help="kernel layout (PyTorch exports OIHW); the factors are written in it too")
+    p.add_argument("--out", required=True, help="new .npz or .safetensors file for the factors")
+
+
+def _load_kernel(path: str, key: str | None) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"kernel file {path!r} does not exist")
+    if p.suffix == ".npz":
+        with np.load(p) as f:
+            arrays = {k: f[k] for k in f.files}
+    elif p.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        arrays = load_file(p)
+    else:
+        raise ValueError(f"kernel file must end in .npz or .safetensors, got {p.name!r}")
+    if key is None:
+        if len(arrays) != 1:
+            raise ValueError(f"{p.name} holds {len(arrays)} arrays {sorted(arrays)}; pick one "
+                             f"with --key")
+        return next(iter(arrays.values()))
+    if key not in arrays:
+        raise ValueError(f"--key {key!r} is not in {p.name}; it holds {sorted(arrays)}")
+    return arrays[key]
+
+
+def run_decompose(args: argparse.Namespace) -> int:
+    from factorize.factorized import decompose, relative_error
+
+    out = Path(args.out)
+    if out.suffix not in (".npz", ".safetensors"):
+        raise ValueError(f"--out must end in .npz or .safetensors, got {out.name!r}")
+    if out.exists():
+        raise FileExistsError(f"--out {args.out!r} already exists; it is never overwritten")
+    kernel = _load_kernel(args.kernel, args.key)
+    f = decompose(kernel, args.family, args.rank, layout=args.layout)
+    factors = {}
+    for i, (stage, a) in enumerate(zip(f.stages, f.factors, strict=True)):
+        a = np.asarray(a)
+        factors[f"stage{i}"] = a.transpose(3, 2, 0, 1) if args.layout == "OIHW" else a
+        factors[f"stage{i}_groups"] = np.asarray([stage.groups], np.int64)
+    meta = {"family": f.family, "rank": f.rank, "kernel_shape": list(f.kernel_shape),
+            "layout": args.layout, "stages": len(f.stages)}
+    error = float(relative_error(kernel, f, layout=args.layout))
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent or ".")
+    os.close(fd)
+    try:
+        if out.suffix == ".npz":
+            np.savez(tmp, **factors, meta=np.asarray(json.dumps(meta)))
+        else:
+            from safetensors.numpy import save_file
+
+            save_file({k: np.ascontiguousarray(v) for k, v in factors.items()}, tmp,
+                      metadata={k: json.dumps(v) for k, v in meta.items()})
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    print(f"{f.family} rank {f.rank}: {f.params:,} of {int(np.prod(f.kernel_shape)):,} "
+          f"parameters, relative error {error:.4f}; wrote {out} ({len(f.stages)} stages)")
+    return 0
