@@ -230,7 +230,10 @@ def _plots(out: Path, mob: dict, speed: list[dict]) -> None:
 
     matplotlib.use("Agg")  # files only; set in the script, not when the library is imported
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
 
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.25 and 8, not 2⁻² and 2³
     if mob:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for i, k in enumerate(KS):
@@ -242,6 +245,10 @@ def _plots(out: Path, mob: dict, speed: list[dict]) -> None:
             ax.axhline(1 / k**2, color=f"C{i}", ls=":", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_xlabel("output channels N")
         ax.set_ylabel("MACs of dsc / MACs of full conv")
         ax.set_title("MobileNet's cost ratio (dotted: asymptote 1/k²)", fontsize=10)
@@ -254,25 +261,34 @@ def _plots(out: Path, mob: dict, speed: list[dict]) -> None:
     if speed:
         fig, ax = plt.subplots(figsize=(6.5, 5))
         fams = [f for f in FAMILY_ORDER if any(r["family"] == f for r in speed)]
+        handles = []
         for i, fam in enumerate(fams):
             rs = [r for r in speed if r["family"] == fam]
             ax.plot([r["mac_reduction"] for r in rs], [r["fwd_speedup"] for r in rs], "o",
-                    color=f"C{i}", label=f"{fam} forward")
+                    color=f"C{i}")
             ax.plot([r["mac_reduction"] for r in rs], [r["train_speedup"] for r in rs], "^",
-                    color=f"C{i}", mfc="none", label=f"{fam} train step")
-        lo = min(0.5, *(r["fwd_speedup"] for r in speed), *(r["train_speedup"] for r in speed))
-        hi = max(16, *(r["mac_reduction"] for r in speed))
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="speed-up = MAC reduction")
+                    color=f"C{i}", mfc="none")
+            handles.append(Line2D([], [], color=f"C{i}", marker="s", ls="", label=fam))
+        handles += [Line2D([], [], color="k", marker="o", ls="", label="forward"),
+                    Line2D([], [], color="k", marker="^", mfc="none", ls="", label="train step")]
+        vals = [r[k] for r in speed for k in ("fwd_speedup", "train_speedup", "mac_reduction")]
+        lo, hi = min(1.0, *vals) / 1.2, max(vals) * 1.3
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        handles.append(Line2D([], [], color="k", ls="--", label="speed-up = MAC reduction"))
         ax.axhline(1, color="gray", lw=0.8, ls=":")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
+        ax.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(plain)
         ax.set_xlabel("MAC reduction (full MACs / factorized MACs)")
         ax.set_ylabel("measured CPU speed-up (full time / factorized time)")
         s0 = speed[0]
         ax.set_title(f"FLOPs are not time: 3×3, C={s0['channels']}, {s0['hw']}×{s0['hw']}, "
                      f"batch {s0['batch']}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(handles=handles, fontsize=7, ncol=2, loc="upper left")
         fig.tight_layout()
         fig.savefig(out / "cost_model_speed.png", dpi=110)
         plt.close(fig)

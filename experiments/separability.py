@@ -126,18 +126,23 @@ def _families_for(shape: tuple[int, ...], families: Sequence[str]) -> list[str]:
 
 
 def select_ranks(family: str, shape: tuple[int, ...], geom: dict[str, Any], max_fraction: float,
-                 max_points: int) -> list[Any]:
+                 max_points: int, *, by_params: bool = False) -> list[Any]:
     """Up to ``max_points`` ranks, geometrically spaced along the family's rank path, whose MAC
-    fraction at the layer's input size is at most ``max_fraction`` (the largest such included)."""
+    fraction at the layer's input size is at most ``max_fraction`` (the largest such included);
+    with ``by_params`` also those within ``max_fraction`` of the parameters (a 1×1 stage before
+    a strided stage costs more MACs than parameters, and the by-parameter comparison needs it)."""
     from factorize.families import get_family, rank_for_fraction
 
     fam = get_family(family)
-    try:
-        cap = rank_for_fraction(fam, shape, max_fraction, **geom)
-    except ValueError:  # even the smallest rank costs more than the budget
-        return []
     path = fam.rank_path(shape)
-    last = path.index(cap)
+    last = -1
+    for g in [geom, {}] if by_params else [geom]:
+        try:
+            last = max(last, path.index(rank_for_fraction(fam, shape, max_fraction, **g)))
+        except ValueError:  # even the smallest rank costs more than the budget
+            pass
+    if last < 0:
+        return []
     idx = np.unique(np.round(np.geomspace(1, last + 1, max_points)).astype(int) - 1)
     return [path[i] for i in idx]
 
@@ -485,7 +490,7 @@ def run(out: Path, args) -> None:
         for fam in _families_for(shape, families):
             svd = fam in SVD_FAMILIES
             for rank in select_ranks(fam, shape, row["geom"], 1.0 if svd else args.tensor_max,
-                                     args.points if svd else args.tensor_points):
+                                     args.points if svd else args.tensor_points, by_params=svd):
                 jobs.append((row, kind, kernel, fam, rank))
 
     base = {"source": source}
