@@ -154,6 +154,7 @@ def _cp_als(
     w: jax.Array,
     u: jax.Array,
     v: jax.Array,
+    spatial: list[jax.Array],
     tol: jax.Array,
     l2_reg: jax.Array,
     *,
@@ -162,7 +163,10 @@ def _cp_als(
     kw: int,
     four_way: bool,
 ):
-    """ALS on ``w`` of shape ``(kh·kw, C, N)`` (unit norm) from channel factors ``u``, ``v``.
+    """ALS on ``w`` of shape ``(kh·kw, C, N)`` (unit norm) from initial factors.
+
+    One sweep updates C, N, then the spatial factor(s): the mode order of tensorly's
+    ``parafac`` on the kernel as ``(C, N, kh, kw)``, so both start from the same kind of point.
 
     Returns the factors, the relative error after each sweep (NaN past the last one) and the
     number of sweeps run. The error uses ``‖W−Ŵ‖² = ‖W‖² − 2⟨W,Ŵ⟩ + ‖Ŵ‖²`` from quantities
@@ -174,17 +178,6 @@ def _cp_als(
     w_kc_n = w.reshape(k * c, n)
     w_kn_c = w.transpose(0, 2, 1).reshape(k * n, c)
     sq_norm = jnp.sum(w * w)
-
-    # The spatial factors start from least squares given the initial u, v (a half sweep), so
-    # only the channel modes need an initialisation. cp4's width factor starts flat.
-    p = (w_kn_c @ u).reshape(k, n, rank)
-    g = jnp.einsum("knr,nr->kr", p, v)
-    uv_gram = (u.T @ u) * (v.T @ v)
-    if four_way:
-        spatial = [jnp.zeros((kh, rank), w.dtype), jnp.full((kw, rank), kw**-0.5, w.dtype)]
-    else:
-        spatial = [jnp.zeros((k, rank), w.dtype)]
-    spatial = _spatial_update(g, spatial, uv_gram, l2_reg, kh, kw)
 
     def sweep(carry):
         i, u, v, spatial, errors = carry
@@ -243,16 +236,31 @@ def _cp_project(
     scale = jnp.where(norm > 0, norm, 1.0)
     w = w / scale
 
-    key_u, key_v = jax.random.split(jax.random.PRNGKey(seed))
-    if init == "svd":
-        u0 = _leading_vectors(w.transpose(1, 0, 2).reshape(c, -1), rank, key_u)
-        v0 = _leading_vectors(w.transpose(2, 0, 1).reshape(n, -1), rank, key_v)
+    keys = list(jax.random.split(jax.random.PRNGKey(seed), 4))
+    unfold = {  # mode -> (rows, the mode's unfolding of the (kh, kw, C, N) kernel)
+        "c": (c, w.transpose(1, 0, 2).reshape(c, -1)),
+        "n": (n, w.transpose(2, 0, 1).reshape(n, -1)),
+    }
+    w4 = w.reshape(kh, kw, c, n)
+    if four_way:
+        unfold["h"] = (kh, w4.reshape(kh, -1))
+        unfold["w"] = (kw, w4.transpose(1, 0, 2, 3).reshape(kw, -1))
     else:
-        u0 = _unit_columns(jax.random.normal(key_u, (c, rank), dtype))
-        v0 = _unit_columns(jax.random.normal(key_v, (n, rank), dtype))
+        unfold["k"] = (kh * kw, w.reshape(kh * kw, -1))
+    if init == "svd":
+        init_factors = [
+            _leading_vectors(m, rank, key)
+            for (_, m), key in zip(unfold.values(), keys[: len(unfold)], strict=True)
+        ]
+    else:
+        init_factors = [
+            _unit_columns(jax.random.normal(key, (rows, rank), dtype))
+            for (rows, _), key in zip(unfold.values(), keys[: len(unfold)], strict=True)
+        ]
+    u0, v0, *spatial0 = init_factors
 
     u, v, spatial, errors, done = _cp_als(
-        w, u0, v0, jnp.asarray(tol, dtype), jnp.asarray(l2_reg, dtype),
+        w, u0, v0, spatial0, jnp.asarray(tol, dtype), jnp.asarray(l2_reg, dtype),
         n_iter=n_iter, kh=kh, kw=kw, four_way=four_way,
     )
     v = v * scale  # undo the unit-norm scaling on the last stage
@@ -288,9 +296,8 @@ def cp3_project(kernel: jax.Array, rank: int, **options: Any):
       n_iter: the ALS sweep budget (default 100, tensorly's ``n_iter_max``).
       tol: stop early once the relative error changes by less than ``tol`` between sweeps
         (tensorly's ``abs_rec_error`` criterion); ``None`` (default) runs all ``n_iter``.
-      init: ``"svd"`` (default: the leading singular vectors of the C and N unfoldings, random
-        unit columns past a mode's size) or ``"random"`` (random normal). The spatial factor
-        always starts as the least-squares fit to the initial channel factors.
+      init: ``"svd"`` (default: the leading left singular vectors of each mode's unfolding,
+        random unit columns past a mode's size, as tensorly) or ``"random"`` (random normal).
       seed: PRNG seed for the random parts of the initialisation.
       l2_reg: ridge weight relative to the mean diagonal of each R×R Gram (default 1e-6).
 

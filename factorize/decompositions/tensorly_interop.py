@@ -8,9 +8,8 @@ tensorly side always holds numpy arrays in tensorly's mode order for a kernel, w
 
 * ``cp4`` ↔ ``CPTensor((weights, [U (C×R), V (N×R), A (kh×R), B (kw×R)]))``;
 * ``cp3`` ↔ ``CPTensor((weights, [U (C×R), V (N×R), S (kh·kw×R)]))``;
-* ``tucker2`` ↔ ``TuckerTensor((core (R1, R2, kh, kw), [U (C×R1), V (N×R2)]))``, a partial
-  Tucker on modes (0, 1), as returned by ``tensorly.decomposition.partial_tucker``; the full
-  Tucker form with identity factors on the spatial modes is accepted too.
+* ``tucker2`` ↔ ``TuckerTensor((core (R1, R2, kh, kw), [U (C×R1), V (N×R2), I_kh, I_kw]))``;
+  ``from_tensorly`` also takes ``partial_tucker``'s ``(core, [U, V])`` on modes (0, 1).
 """
 
 from __future__ import annotations
@@ -51,7 +50,9 @@ def to_tensorly(f: Factorized) -> Any:
         if f.family == "tucker2":
             r1, r2 = f.rank
             core = fs[1].transpose(2, 3, 0, 1)  # (R1, R2, kh, kw)
-            factors = [fs[0].reshape(c, r1), fs[2].reshape(r2, n).T]
+            # TuckerTensor wants one factor per mode: identity on the spatial modes
+            factors = [fs[0].reshape(c, r1), fs[2].reshape(r2, n).T,
+                       np.eye(kh, dtype=core.dtype), np.eye(kw, dtype=core.dtype)]
             return tl.tucker_tensor.TuckerTensor((core, factors))
     raise ValueError(f"to_tensorly converts cp3, cp4 and tucker2 values, got {f.family!r}")
 
