@@ -149,7 +149,8 @@ def convert_run(sweep: Sweep, family: str, fraction: float, seed: int, out: Path
         **_model_costs(model, x), conv_mac_ratio=report.conv_mac_ratio,
         latency_ms=_latency_ms(model, x) if seed == sweep.seeds[0] else None,
         layers=_jsonable(record_layers(model)),
-        mean_rel_error=statistics.fmean(r.rel_error for r in report.converted),
+        mean_rel_error=statistics.fmean([r.rel_error for r in report.converted] or [0.0]),
+        infeasible_layers=[r.path for r in report.rows if r.note.startswith("kept:")],
         wall_time_s=time.perf_counter() - t0,
     )
 
@@ -257,6 +258,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         g["macs"].append(r["macs"])
         g["mac_ratio"].append(r["mac_ratio"])
         if r["kind"] == "convert":
+            g["infeasible"].extend(r.get("infeasible_layers", []))
             g["before"].append(r["accuracy_before_finetune"])
             g["after"].append(r["accuracy"])
         else:
@@ -264,6 +266,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (family, fraction), g in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
         out.append(dict(family=family, mac_fraction=fraction, macs=statistics.fmean(g["macs"]),
+                        infeasible=sorted(set(g["infeasible"])),
                         mac_ratio=statistics.fmean(g["mac_ratio"]), **{
                             k: list(g[k]) for k in ("baseline", "before", "after", "scratch")}))
     return out
@@ -286,11 +289,18 @@ def to_markdown(rows: list[dict]) -> str:
             lines.append(f"| full (baseline) | 1 | {s['macs']:,.0f} | 1.000 | – "
                          f"| {_mean_spread(s['baseline'])} | – |")
             continue
+        mark = " †" if s["infeasible"] else ""
         lines.append(
-            f"| {s['family']} | {s['mac_fraction']:g} | {s['macs']:,.0f} | {s['mac_ratio']:.3f} "
+            f"| {s['family']}{mark} | {s['mac_fraction']:g} | {s['macs']:,.0f} "
+            f"| {s['mac_ratio']:.3f} "
             f"| {_mean_spread(s['before'])} | {_mean_spread(s['after'])} "
             f"| {_mean_spread(s['scratch'])} |"
         )
+    kept = [f"{s['family']} at {s['mac_fraction']:g}: {', '.join(s['infeasible'])}"
+            for s in summary if s["infeasible"]]
+    if kept:
+        lines += ["", "† layers kept full because the family cannot get within the fraction "
+                  "(e.g. a 1×1 stage that runs before a stride): " + "; ".join(kept) + "."]
     lines += ["", verdict(summary)]
     return "\n".join(lines) + "\n"
 
@@ -302,7 +312,9 @@ def verdict(summary: list[dict]) -> str:
     base_acc = statistics.fmean(base[0]["baseline"]) if base and base[0]["baseline"] else None
     for fraction in sorted({s["mac_fraction"] for s in summary if s["family"] != "full"},
                            reverse=True):
-        cands = [s for s in summary if s["mac_fraction"] == fraction and s["family"] != "full"]
+        # families that had to keep layers full did not meet the budget: not in the running
+        cands = [s for s in summary if s["mac_fraction"] == fraction
+                 and s["family"] != "full" and not s["infeasible"]]
         for label, key in (("converted + fine-tuned", "after"), ("from scratch", "scratch")):
             scored = sorted(((statistics.fmean(s[key]), s["family"]) for s in cands if s[key]),
                             reverse=True)
