@@ -2,6 +2,11 @@
 
 tensorly (numpy backend, scoped with ``backend_context``) is the independent reference: its
 error on the same kernel with the same rank, iteration budget and initialisation kind.
+
+Kept fast by reusing compiled programs: a projection compiles once per (kernel shape, rank,
+family, init kind), and the iteration budget, seed, tol and l2_reg are traced (budgets up to 128
+share one program), so the tests share a few shapes: ``S1`` (recovery, parity with tensorly,
+error history), ``S2`` (recovery at a second shape), ``DEG`` (degenerate kernels at R ≫ modes).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import tensorly as tl
 from tensorly.decomposition import parafac, partial_tucker
 
 import factorize
+from factorize.families import get_family
 
 
 def planted_cp(shape, rank, four_way, seed=0):
@@ -48,7 +54,7 @@ def rel(w, approx):
     return float(np.linalg.norm(w - np.asarray(approx, np.float64)) / np.linalg.norm(w))
 
 
-def tensorly_error(w, family, rank, n_iter, init):
+def tensorly_error(w, family, rank, n_iter, init, seed=0):
     kh, kw, c, n = w.shape
     with tl.backend_context("numpy"):
         if family == "tucker2":
@@ -61,24 +67,22 @@ def tensorly_error(w, family, rank, n_iter, init):
             1, 2, 0)
         with warnings.catch_warnings():  # "n_eigenvecs larger than the mode" for kh, kw < rank
             warnings.simplefilter("ignore", UserWarning)
-            cp = parafac(x, rank, n_iter_max=n_iter, init=init, tol=0, random_state=0)
+            cp = parafac(x, rank, n_iter_max=n_iter, init=init, tol=0, random_state=seed)
         return rel(x, tl.cp_to_tensor(cp))
+
+
+S1, S2, DEG = (3, 3, 16, 24), (5, 5, 8, 12), (3, 3, 8, 10)
+CP_RANK, TUCKER_RANKS = 5, (5, 7)  # at S1
+N_SEEDS = 5  # random init: the best of this many draws on each side
 
 
 @pytest.mark.parametrize(
     "family,shape,rank",
-    [
-        ("cp4", (3, 3, 16, 24), 5),
-        ("cp4", (3, 3, 32, 32), 12),
-        ("cp4", (5, 5, 8, 12), 4),
-        ("cp3", (3, 3, 16, 24), 5),
-        ("cp3", (3, 3, 32, 32), 12),
-        ("cp3", (5, 5, 8, 12), 4),
-    ],
+    [("cp4", S1, CP_RANK), ("cp4", S2, 4), ("cp3", S1, CP_RANK), ("cp3", S2, 4)],
 )
 def test_planted_cp_recovered(family, shape, rank):
     w = planted_cp(shape, rank, four_way=family == "cp4")
-    f, info = factorize.decompose(w, family, rank, n_iter=300, return_info=True)
+    f, info = factorize.decompose(w, family, rank, n_iter=100, return_info=True)
     err = float(factorize.relative_error(w, f))
     assert err < 1e-4
     assert abs(err - info["rel_error"]) < 1e-5
@@ -87,7 +91,7 @@ def test_planted_cp_recovered(family, shape, rank):
 
 
 @pytest.mark.parametrize(
-    "shape,ranks", [((3, 3, 16, 24), (5, 7)), ((3, 3, 32, 20), (12, 4)), ((1, 1, 8, 8), (3, 3))]
+    "shape,ranks", [(S1, TUCKER_RANKS), ((3, 3, 32, 20), (12, 4)), ((1, 1, 8, 8), (3, 3))]
 )
 def test_planted_tucker_recovered(shape, ranks):
     w = planted_tucker(shape, ranks)
@@ -99,72 +103,99 @@ def test_planted_tucker_recovered(shape, ranks):
 @pytest.mark.parametrize("family", ["cp4", "cp3"])
 @pytest.mark.parametrize("kind", ["random", "planted"])
 @pytest.mark.parametrize("init", ["svd", "random"])
-def test_cp_error_at_most_tensorly(family, kind, init, request):
-    if init == "random" and kind == "planted" and family == "cp4":
-        # different random draws can land in different ALS local minima (seen: 0.16 vs 0.096)
-        request.applymarker(pytest.mark.xfail(reason="random init: different draws", strict=False))
-    shape, rank, n_iter = (3, 3, 24, 32), 8, 50
+def test_cp_error_at_most_tensorly(family, kind, init):
+    """Same rank, budget and init kind. With ``init="random"`` the two libraries draw different
+    starting points, and at 50 sweeps a draw can still sit in a swamp (seen: factorize seed 0 at
+    0.16 on the planted cp4 kernel, tensorly random_state 7 at 0.16, both reaching the optimum
+    0.096 with more sweeps); so each side gets the best of the same number of draws."""
+    n_iter = 50
     if kind == "random":
-        w = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+        w = np.random.default_rng(3).standard_normal(S1).astype(np.float32)
     else:
-        w = with_noise(planted_cp(shape, rank, family == "cp4", seed=4), 0.1)
-    f = factorize.decompose(w, family, rank, n_iter=n_iter, init=init)
-    ours = rel(w, f.to_kernel())
-    ref = tensorly_error(w, family, rank, n_iter, init)
+        w = with_noise(planted_cp(S1, CP_RANK, family == "cp4", seed=4), 0.1)
+    seeds = range(N_SEEDS) if init == "random" else range(1)
+    ours = min(
+        rel(w, factorize.decompose(w, family, CP_RANK, n_iter=n_iter, init=init, seed=s)
+            .to_kernel())
+        for s in seeds
+    )
+    ref = min(tensorly_error(w, family, CP_RANK, n_iter, init, seed=s) for s in seeds)
     assert ours <= ref * 1.01, (ours, ref)
 
 
 @pytest.mark.parametrize("kind", ["random", "planted"])
 def test_tucker2_error_at_most_tensorly(kind):
-    shape, ranks, n_iter = (3, 3, 24, 32), (6, 9), 10
+    n_iter = 10
     if kind == "random":
-        w = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+        w = np.random.default_rng(5).standard_normal(S1).astype(np.float32)
     else:
-        w = with_noise(planted_tucker(shape, ranks, seed=6), 0.1)
-    f = factorize.decompose(w, "tucker2", ranks, n_iter=n_iter, tol=None)
-    assert rel(w, f.to_kernel()) <= tensorly_error(w, "tucker2", ranks, n_iter, "svd") * 1.01
+        w = with_noise(planted_tucker(S1, TUCKER_RANKS, seed=6), 0.1)
+    f = factorize.decompose(w, "tucker2", TUCKER_RANKS, n_iter=n_iter, tol=None)
+    ref = tensorly_error(w, "tucker2", TUCKER_RANKS, n_iter, "svd")
+    assert rel(w, f.to_kernel()) <= ref * 1.01
 
 
 def test_error_history_and_tol_stop():
-    w = np.random.default_rng(7).standard_normal((3, 3, 16, 16)).astype(np.float32)
-    _, info = factorize.decompose(w, "cp4", 6, n_iter=40, return_info=True)
+    w = np.random.default_rng(7).standard_normal(S1).astype(np.float32)
+    _, info = factorize.decompose(w, "cp4", CP_RANK, n_iter=40, return_info=True)
     errs = info["errors"]
     assert errs.shape == (40,) and info["n_iter"] == 40
     assert np.all(np.diff(errs) <= 1e-4)  # ALS never increases the error (up to round-off)
     assert abs(errs[-1] - info["rel_error"]) < 1e-3
-    _, info = factorize.decompose(w, "cp4", 6, n_iter=500, tol=1e-3, return_info=True)
-    assert info["converged"] and info["n_iter"] < 500 and len(info["errors"]) == info["n_iter"]
+    _, info = factorize.decompose(w, "cp4", CP_RANK, n_iter=120, tol=1e-3, return_info=True)
+    assert info["converged"] and info["n_iter"] < 120 and len(info["errors"]) == info["n_iter"]
 
 
-def test_ranks_larger_than_modes_and_jit_reuse():
-    w = np.random.default_rng(8).standard_normal((3, 3, 4, 5)).astype(np.float32)
-    for family in ("cp3", "cp4"):
-        f, info = factorize.decompose(w, family, 15, n_iter=20, return_info=True)
-        assert all(np.all(np.isfinite(np.asarray(x))) for x in f.factors)
-        assert info["rel_error"] < 0.5
+def test_budget_seed_tol_and_l2_reg_do_not_recompile():
+    from factorize.decompositions.cp import _cp_fit, _error_capacity
+    from factorize.decompositions.tucker import _tucker_fit
+
+    w = np.random.default_rng(10).standard_normal(S2).astype(np.float32)
+    factorize.decompose(w, "cp4", 4, n_iter=3)
+    factorize.decompose(w, "tucker2", (3, 4), n_iter=3)
+    cp_programs, tucker_programs = _cp_fit._cache_size(), _tucker_fit._cache_size()
+    for n_iter in (1, 7, 128):
+        _, info = factorize.decompose(w, "cp4", 4, n_iter=n_iter, seed=n_iter, tol=1e-9,
+                                      l2_reg=1e-5, return_info=True)
+        assert info["n_iter"] == n_iter and len(info["errors"]) == n_iter
+        _, info = factorize.decompose(w, "tucker2", (3, 4), n_iter=n_iter, tol=None,
+                                      return_info=True)
+        assert info["n_iter"] == n_iter
+    assert _cp_fit._cache_size() == cp_programs
+    assert _tucker_fit._cache_size() == tucker_programs
+    # only the error-history buffer is static: budgets 129–256 share the next program, etc.
+    assert [_error_capacity(n) for n in (1, 128, 129, 256, 300)] == [128, 128, 256, 256, 512]
 
 
 @pytest.mark.parametrize("family,rank", [("cp4", 40), ("cp3", 40), ("tucker2", (8, 8))])
-@pytest.mark.parametrize("kind", ["zero", "rank1", "deficient"])
+@pytest.mark.parametrize("kind", ["zero", "rank1", "deficient", "random"])
 def test_degenerate_kernels_give_finite_factors(family, rank, kind):
-    shape = (3, 3, 8, 10)
+    """R = 40 exceeds every mode of the (3, 3, 8, 10) kernel (the R×R normal equations are
+    singular but for the ridge); the fits must stay finite and, where the kernel has an exact
+    low-rank form, find it (an explicit-inverse solve without refinement once gave 0.9)."""
     rng = np.random.default_rng(9)
     if kind == "zero":
-        w = np.zeros(shape, np.float32)
+        w = np.zeros(DEG, np.float32)
     elif kind == "rank1":
-        w = planted_cp(shape, 1, four_way=True)
-    else:
-        w = planted_cp(shape, 3, four_way=True) + 0 * rng.standard_normal(shape)
+        w = planted_cp(DEG, 1, four_way=True)
+    elif kind == "deficient":
+        w = planted_cp(DEG, 3, four_way=True)
         w[..., 5:] = 0  # half the outputs dead
-        w = w.astype(np.float32)
+    else:
+        w = rng.standard_normal(DEG).astype(np.float32)
     f, info = factorize.decompose(w, family, rank, n_iter=30, return_info=True)
     for x in f.factors:
         assert np.all(np.isfinite(np.asarray(x)))
     assert np.all(np.isfinite(info["errors"]))
+    err = float(factorize.relative_error(w, f))
     if kind == "zero":
         assert np.allclose(np.asarray(f.to_kernel()), 0)
-    else:
-        assert float(factorize.relative_error(w, f)) < 0.1  # slow ALS at R ≫ true rank
+    elif kind in ("rank1", "deficient"):
+        assert err < 1e-3
+    elif family != "tucker2":  # more components than entries per mode: a close fit
+        assert err < 0.1
+    else:  # (8, 8) of a random (…, 8, 10) kernel: the best rank-8 truncation of mode N
+        assert err <= tensorly_error(w, "tucker2", rank, 30, "svd") * 1.01
 
 
 @pytest.mark.parametrize(
@@ -181,6 +212,7 @@ def test_degenerate_kernels_give_finite_factors(family, rank, kind):
         ("tucker2", (9, 4), {}, r"rank\[0\]"),
         ("tucker2", (4, 11), {}, r"rank\[1\]"),
         ("tucker2", (4, 4), {"n_iter": 0}, "n_iter"),
+        ("tucker2", (4, 4), {"tol": float("nan")}, "tol"),
     ],
 )
 def test_bad_options_raise_naming_the_argument(family, rank, options, match):
@@ -193,12 +225,14 @@ def test_bad_options_raise_naming_the_argument(family, rank, options, match):
 def test_non_finite_kernel_and_unknown_option(family, rank):
     w = np.ones((3, 3, 4, 4), np.float32)
     w[0, 0, 0, 0] = np.nan
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match="kernel must be finite"):
         factorize.decompose(w, family, rank)
+    with pytest.raises(ValueError, match="kernel must be finite"):  # the projection's own check
+        get_family(family).project(w, rank)
     with pytest.raises(TypeError):
         factorize.decompose(np.ones((3, 3, 4, 4), np.float32), family, rank, n_iters=3)
 
 
 def test_projections_leave_x64_off():
-    factorize.decompose(np.ones((3, 3, 4, 4), np.float32), "cp4", 2, n_iter=2)
+    factorize.decompose(np.ones(S2, np.float32), "cp4", 4, n_iter=2)
     assert not jax.config.jax_enable_x64

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from factorize.decompositions.cp import _error_capacity
+
 
 def _dominant_subspace(m: jax.Array, rank: int) -> jax.Array:
     """An orthonormal basis of the leading ``rank`` left singular vectors of ``m``."""
@@ -29,15 +31,26 @@ def _dominant_subspace(m: jax.Array, rank: int) -> jax.Array:
     return vecs[:, ::-1][:, :rank]
 
 
-@functools.partial(jax.jit, static_argnames=("r1", "r2", "n_iter"))
-def _hooi(w: jax.Array, tol: jax.Array, *, r1: int, r2: int, n_iter: int):
-    """HOSVD then up to ``n_iter`` HOOI sweeps on ``w`` of shape ``(K, C, N)``, unit norm."""
-    k, c, n = w.shape
+@functools.partial(jax.jit, static_argnames=("r1", "r2", "capacity"))
+def _tucker_fit(kernel: jax.Array, tol: jax.Array, n_iter: jax.Array, *, r1: int, r2: int,
+                capacity: int):
+    """Scaling, HOSVD, up to ``n_iter`` HOOI sweeps and the exact error, as one program.
+
+    ``tol`` and ``n_iter`` are traced (the error history has the static length ``capacity``,
+    see ``cp._error_capacity``), so one compilation serves every budget in a bucket.
+    """
+    kh, kw, c, n = kernel.shape
+    k = kh * kw
+    w0 = kernel.reshape(k, c, n)
+    norm = jnp.linalg.norm(w0)
+    scale = jnp.where(norm > 0, norm, 1.0)
+    w = w0 / scale
     w_c = w.transpose(1, 0, 2).reshape(c, k * n)
     w_n = w.transpose(2, 0, 1).reshape(n, k * c)
     u = _dominant_subspace(w_c, r1)
     v = _dominant_subspace(w_n, r2)
     sq_norm = jnp.sum(w * w)
+    tol = jnp.asarray(tol, w.dtype)
 
     def sweep(carry):
         i, u, v, errors = carry
@@ -55,10 +68,15 @@ def _hooi(w: jax.Array, tol: jax.Array, *, r1: int, r2: int, n_iter: int):
         last = errors[jnp.maximum(i - 1, 0)]
         return (i < n_iter) & ~((i >= 2) & (jnp.abs(prev - last) < tol))
 
-    errors = jnp.full((n_iter,), jnp.nan, w.dtype)
-    i, u, v, errors = lax.while_loop(keep_going, sweep, (0, u, v, errors))
+    errors = jnp.full((capacity,), jnp.nan, w.dtype)
+    i, u, v, errors = lax.while_loop(
+        keep_going, sweep, (jnp.asarray(0, jnp.int32), u, v, errors))
     core = jnp.einsum("kcn,ci,nj->kij", w, u, v)
-    return u, core, v, errors, i
+    approx = jnp.einsum("ci,kij,nj->kcn", u, core, v)
+    rel_error = jnp.linalg.norm(w - approx)  # w has unit norm (or is zero)
+    core = core * scale
+    factors = (u.reshape(1, 1, c, r1), core.reshape(kh, kw, r1, r2), v.T.reshape(1, 1, r2, n))
+    return factors, errors, i, rel_error
 
 
 def tucker2_project(
@@ -97,20 +115,14 @@ def tucker2_project(
     for name, r, size, mode in (("rank[0]", r1, c, "C"), ("rank[1]", r2, n, "N")):
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 1 <= r <= size:
             raise ValueError(f"{name} must be an int in [1, {mode}={size}], got {r!r}")
-    if not bool(jnp.all(jnp.isfinite(kernel))):
+    if not np.all(np.isfinite(np.asarray(kernel))):
         raise ValueError("kernel must be finite, got NaN/Inf entries")
     dtype = kernel.dtype if kernel.dtype in (jnp.float32, jnp.float64) else jnp.float32
-    w = kernel.astype(dtype).reshape(kh * kw, c, n)
-    norm = jnp.linalg.norm(w)
-    scale = jnp.where(norm > 0, norm, 1.0)
-    u, core, v, errors, done = _hooi(
-        w / scale, jnp.asarray(tol, dtype), r1=int(r1), r2=int(r2), n_iter=int(n_iter)
+    factors, errors, done, rel_error = _tucker_fit(
+        kernel.astype(dtype), float(tol), int(n_iter), r1=int(r1), r2=int(r2),
+        capacity=_error_capacity(int(n_iter)),
     )
-    core = core * scale
-    approx = jnp.einsum("ci,kij,nj->kcn", u, core, v)
-    rel_error = jnp.linalg.norm(w - approx) / scale
     done = int(done)
-    factors = (u.reshape(1, 1, c, r1), core.reshape(kh, kw, r1, r2), v.T.reshape(1, 1, r2, n))
     info: dict[str, Any] = {
         "errors": np.asarray(errors[:done]),
         "n_iter": done,
