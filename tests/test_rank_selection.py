@@ -77,3 +77,56 @@ def test_criteria_not_defined_for_cp():
         factorize.select_rank(lowrank_in_kernel(), "cp4", energy=0.9)
     with pytest.raises(ValueError, match="evbmf"):
         factorize.select_rank(lowrank_in_kernel(), "cp3")
+
+
+def test_select_rank_by_name_forms():
+    w = lowrank_in_kernel(noise=0.05)
+    assert factorize.decompositions.select_rank_by_name(w, "lowrank_in", "evbmf") == \
+        factorize.select_rank(w, "lowrank_in", method="evbmf") == 5
+    assert factorize.decompositions.select_rank_by_name(w, "tucker2", " Energy:0.9 ") == \
+        factorize.select_rank(w, "tucker2", energy=0.9)
+    for bad in ("vbmf", "energy", "energy:", "energy:1.5", "energy:nan", "energy:x", "full"):
+        with pytest.raises(ValueError, match="valid forms: 'evbmf' or 'energy:"):
+            factorize.decompositions.select_rank_by_name(w, "tucker2", bad)
+    with pytest.raises(ValueError, match="evbmf"):  # not defined for CP
+        factorize.decompositions.select_rank_by_name(w, "cp4", "evbmf")
+
+
+@pytest.mark.parametrize("name", ["evbmf", "energy:0.95"])
+def test_convert_with_a_named_rank_uses_select_rank(name):
+    """``Policy.uniform("tucker2", "evbmf")`` through ``convert``: the layer's ranks are the
+    ones ``select_rank`` picks from that layer's kernel (a planted Tucker-(4, 6) kernel plus
+    noise, so the choice is not the trivial one)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from factorize.conversion import Policy, convert
+
+    class Tiny(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(16, 20, (3, 3), rngs=rngs)
+
+        def __call__(self, x):
+            return self.conv(x)
+
+    rng = np.random.default_rng(3)
+    w = np.einsum("hwij,ci,nj->hwcn", rng.standard_normal((3, 3, 4, 6)),
+                  rng.standard_normal((16, 4)), rng.standard_normal((20, 6)))
+    w += 0.05 * np.linalg.norm(w) / np.sqrt(w.size) * rng.standard_normal(w.shape)
+    w = w.astype(np.float32)
+    model = Tiny(nnx.Rngs(0))
+    model.conv.kernel[...] = jnp.asarray(w)
+    want = (factorize.select_rank(w, "tucker2") if name == "evbmf"
+            else factorize.select_rank(w, "tucker2", energy=0.95))
+    if name == "evbmf":
+        assert want == (4, 6)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.float32)
+    converted, report = convert(model, Policy.uniform("tucker2", name), x)
+    (row,) = report.rows
+    assert row.family == "tucker2" and tuple(row.rank) == tuple(want)
+    assert [tuple(p[...].shape) for p in converted.conv.factors] == [
+        (1, 1, 16, want[0]), (3, 3, *want), (1, 1, want[1], 20)]
+    if name == "evbmf":  # the planted ranks keep all but the noise
+        assert row.rel_error < 0.1
+    with pytest.raises(ValueError, match=r"layer 'conv'.*valid forms"):
+        convert(model, Policy.uniform("tucker2", "energy=0.9"), x)

@@ -236,6 +236,46 @@ def select_rank(
     return _select_by_evbmf(wn, fam)
 
 
+RANK_NAME_FORMS = "'evbmf' or 'energy:<fraction in (0, 1]>' (e.g. 'energy:0.9')"
+
+
+def select_rank_by_name(kernel: Any, family: str, name: str, *, layout: str = "HWIO") -> Rank:
+    """The rank that a policy's rank string names, chosen from the layer's own kernel.
+
+    Args:
+      kernel: ``(kh, kw, C, N)`` (or OIHW with ``layout="OIHW"``).
+      family: the family to decompose into.
+      name: ``"evbmf"`` (:func:`select_rank` with ``method="evbmf"``) or ``"energy:<e>"``
+        (:func:`select_rank` with ``energy=e``, ``e`` in (0, 1]). Case and surrounding
+        spaces are ignored. (``"full"`` is not a selection: ``decompose`` takes it directly.)
+
+    Returns:
+      The rank, in the form ``decompose`` takes (an int, or ``(R1, R2)`` for ``tucker2``).
+
+    Raises:
+      ValueError: for any other string, listing the valid forms; or when the criterion is not
+        defined for ``family`` (e.g. ``evbmf`` for ``cp4``), as :func:`select_rank` does.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"rank name must be a string, {RANK_NAME_FORMS}; got {name!r}")
+    text = name.strip().lower()
+    if text == "evbmf":
+        return select_rank(kernel, family, method="evbmf", layout=layout)
+    if text.startswith("energy:"):
+        value = text[len("energy:"):].strip()
+        try:
+            energy = float(value)
+        except ValueError:
+            energy = math.nan
+        if not 0.0 < energy <= 1.0:  # also rejects NaN
+            raise ValueError(
+                f"rank name {name!r}: the energy must be a number in (0, 1], got {value!r}; "
+                f"valid forms: {RANK_NAME_FORMS}"
+            )
+        return select_rank(kernel, family, energy=energy, layout=layout)
+    raise ValueError(f"unknown rank name {name!r}; valid forms: {RANK_NAME_FORMS}")
+
+
 def _select_by_energy(w: np.ndarray, fam, energy: float) -> Rank:
     kh, kw, c, n = w.shape
     name = fam.name
@@ -273,4 +313,4 @@ def _select_by_evbmf(w: np.ndarray, fam) -> Rank:
     return min(max(evbmf(m)[0], 1), int(fam.max_rank(w.shape)))
 
 
-__all__ = ["evbmf", "select_rank"]
+__all__ = ["evbmf", "select_rank", "select_rank_by_name"]
