@@ -54,12 +54,15 @@ class Sweep:
     finetune_lr: float = 1e-3
     n_train: int | None = None
     n_test: int | None = None
+    augment: bool | None = None  # random crop + flip (None: the dataset's default)
     latency_batch: int = 32
 
 
 SWEEPS = {
     "digits": Sweep("digits", "cnn", epochs=15, finetune_epochs=2, fractions=(0.25,)),
-    "fashion_mnist": Sweep("fashion_mnist", "cnn", epochs=12, finetune_epochs=2, fractions=(0.25,)),
+    # without augmentation the CNN overfits at ≈ 90.6% (15 epochs); crops and flips suit clothing
+    "fashion_mnist": Sweep("fashion_mnist", "cnn", epochs=15, finetune_epochs=2, fractions=(0.25,),
+                           augment=True),
     "cifar10": Sweep("cifar10", "resnet18", epochs=30, finetune_epochs=5, fractions=(0.25,)),
 }
 QUICK = dict(epochs=2, finetune_epochs=1, fractions=(0.25,), seeds=(0,), families=("dsc", "cp3"),
@@ -73,7 +76,7 @@ def _train_config(sweep: Sweep, seed: int, **overrides):
     from factorize.training import get_config
 
     kw = dict(epochs=sweep.epochs, seed=seed, n_train=sweep.n_train, n_test=sweep.n_test,
-              progress=False)
+              augment=sweep.augment, progress=False)
     kw.update(overrides)
     return get_config(sweep.dataset, sweep.model, **kw)
 
@@ -445,7 +448,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         import json
 
         old = json.loads(previous.read_text())
-        for key in ("dataset", "model", "epochs", "finetune_epochs", "n_train", "n_test"):
+        for key in ("dataset", "model", "epochs", "finetune_epochs", "n_train", "n_test",
+                    "augment"):
             if old.get(key) != getattr(sweep, key):
                 parser.error(f"{out} holds a sweep with {key}={old.get(key)!r}, not "
                              f"{getattr(sweep, key)!r}: resume with the same settings or pick "

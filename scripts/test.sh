@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check factorize experiments tests
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers (the machines have 2 cores); a test file stays on one worker so its fixtures run once.
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
