@@ -365,7 +365,7 @@ def plot(rows: list[dict], path: Path) -> None:
     first = ax.legend(loc="lower right", fontsize=8, ncol=2)
     ax.add_artist(first)
     ax.legend(handles=kinds, loc="lower left", fontsize=8)
-    ymin = min(100 * r["accuracy"] for r in rows)
+    ymin = min(100 * min(r["accuracy"], r.get("accuracy_before_finetune") or 1.0) for r in rows)
     ax.set_ylim(max(0, ymin - 5), 100)
     ax.grid(alpha=0.3)
     fig.tight_layout()
