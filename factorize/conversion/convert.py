@@ -18,6 +18,7 @@ from factorize.costs import conv_macs, count_macs
 from factorize.factorized import decompose, random_factorized, relative_error
 from factorize.families import Rank, get_family, rank_for_fraction
 from factorize.layers import FactorizedConv, FactorizedLinear
+from factorize.models.spec import set_submodule
 
 SUPPORTED_PADDING = "'SAME', 'VALID', ints or (low, high) pairs"
 
@@ -33,17 +34,6 @@ def candidate_layers(model: nnx.Module) -> dict[str, nnx.Module]:
         for path, node in nnx.iter_graph(model)
         if type(node) in (nnx.Conv, nnx.Linear)
     }
-
-
-def _set_submodule(model: nnx.Module, path: str, module: nnx.Module) -> None:
-    *parents, last = path.split("/")
-    node: Any = model
-    for key in parents:
-        node = node[int(key)] if key.isdigit() else getattr(node, key)
-    if last.isdigit():
-        node[int(last)] = module
-    else:
-        setattr(node, last, module)
 
 
 class _Log:
@@ -73,7 +63,7 @@ def layer_inputs(model: nnx.Module, sample_input: Any) -> dict[str, tuple[int, .
     probe = nnx.clone(model)
     log = _Log()
     for path, layer in candidate_layers(probe).items():
-        _set_submodule(probe, path, _Probe(layer, path, log))
+        set_submodule(probe, path, _Probe(layer, path, log))
     graphdef, state = nnx.split(probe)
     first = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_input)
     jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, first)
@@ -199,7 +189,7 @@ def convert(
                 f, bias=bias, strides=strides, padding=padding, kernel_dilation=dilation,
                 dtype=layer.dtype,
             )
-        _set_submodule(converted, path, new)
+        set_submodule(converted, path, new)
         rows.append(_converted_row(kept, f, new, bias, input_hw, kernel))
     report = ConversionReport(
         rows=tuple(rows),
