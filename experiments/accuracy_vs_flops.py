@@ -60,9 +60,9 @@ class Sweep:
 
 SWEEPS = {
     "digits": Sweep("digits", "cnn", epochs=15, finetune_epochs=2, fractions=(0.25,)),
-    # without augmentation the CNN overfits at ≈ 90.6% (15 epochs); crops and flips suit clothing
-    "fashion_mnist": Sweep("fashion_mnist", "cnn", epochs=15, finetune_epochs=2, fractions=(0.25,),
-                           augment=True),
+    # Measured baselines (seed 0, 15 epochs): 90.59% without augmentation, 89.11% with crops and
+    # flips; neither reaches the ≥ 91% the study needs yet (wider convs or more epochs next).
+    "fashion_mnist": Sweep("fashion_mnist", "cnn", epochs=15, finetune_epochs=2, fractions=(0.25,)),
     "cifar10": Sweep("cifar10", "resnet18", epochs=30, finetune_epochs=5, fractions=(0.25,)),
 }
 QUICK = dict(epochs=2, finetune_epochs=1, fractions=(0.25,), seeds=(0,), families=("dsc", "cp3"),
