@@ -25,9 +25,9 @@ _USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryErr
 
 
 def parse_rank(text: str) -> Any:
-    """``full`` | int | float in (0, 1] | ``r1,r2`` (tucker2)."""
-    if text == "full":
-        return text
+    """``full`` | ``evbmf`` | ``energy:E`` | int | float in (0, 1] | ``r1,r2`` (tucker2)."""
+    if text == "full" or text == "evbmf" or text.startswith("energy:"):
+        return text  # names resolved per layer by factorize.decompositions.select_rank_by_name
     try:
         if "," in text:
             return tuple(int(t) for t in text.split(","))
