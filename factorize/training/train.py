@@ -9,7 +9,6 @@ model's step (see ``experiments/bench_train.py``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from factorize import data as data_lib
+from factorize._io import append_jsonl, atomic_write_json
 from factorize.models.spec import ModelSpec, build
 from factorize.training import checkpoint as ckpt_lib
 from factorize.training import parallel
@@ -170,12 +170,6 @@ def _fmt(k: str, v: Any) -> str:
     return f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def fit(
     model: nnx.Module,
     dataset: data_lib.Dataset,
@@ -270,8 +264,7 @@ def fit(
             row.update(test_loss=res["loss"], test_accuracy=res["accuracy"])
         history.append(row)
         if metrics_path is not None:
-            with open(metrics_path, "a") as f:  # append-only: one complete line per epoch
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(metrics_path, row)  # append-only: one complete line per epoch
         if config.progress:
             tqdm.write(" ".join(_fmt(k, v) for k, v in row.items()))
     nnx.update(model, params, rest)
@@ -315,7 +308,7 @@ def train_and_evaluate(
         )
 
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(workdir / "config.json", dataclasses.asdict(config))
+    atomic_write_json(workdir / "config.json", dataclasses.asdict(config))
     history = fit(model, ds, config, workdir=workdir)
     final = history[-1] if history else {}
     ckpt_lib.save(
