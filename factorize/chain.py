@@ -159,10 +159,40 @@ def run_chain(
     """Runs the chain on an NHWC batch, one conv per stage."""
     strides, dilation = pair(strides, "strides"), pair(dilation, "dilation")
     pads = normalize_padding(padding, x.shape[1:3], _chain_extent(stages), strides, dilation)
+    if ops.current_implementation() == "fast":
+        stages, factors = _merge_separable_depthwise(stages, factors)
     for st, kernel in zip(stages, factors, strict=True):
         s, p, d = _stage_geometry(st, strides, pads, dilation)
         x = ops.conv(x, kernel, groups=st.groups, strides=s, padding=p, dilation=d)
     return x
+
+
+def _merge_separable_depthwise(
+    stages: Sequence[Stage], factors: Sequence[jax.Array]
+) -> tuple[list[Stage], list[jax.Array]]:
+    """Consecutive depthwise ``kh×1`` and ``1×kw`` stages (cp4's middle) as one ``kh×kw``
+    depthwise stage with the outer-product kernel ``a[i, c] · b[j, c]``: the same conv, in one
+    pass over the activations instead of two (forward, input and kernel gradients alike)."""
+    out_stages, out_factors = [], []
+    i = 0
+    while i < len(stages):
+        a, b = stages[i], stages[i + 1] if i + 1 < len(stages) else None
+        if (
+            b is not None and a.kind == b.kind == "depthwise"
+            and a.owns == (True, False) and b.owns == (False, True)
+            and a.shape[1] == b.shape[0] == 1 and a.shape[3] == a.groups == b.groups
+            and b.shape[3] == b.groups
+        ):
+            col, row = factors[i][:, 0, 0, :], factors[i + 1][0, :, 0, :]  # (kh, C), (kw, C)
+            out_stages.append(Stage((a.shape[0], b.shape[1], 1, a.shape[3]), a.groups,
+                                    (True, True)))
+            out_factors.append((col[:, None, :] * row[None, :, :])[:, :, None, :])
+            i += 2
+            continue
+        out_stages.append(a)
+        out_factors.append(factors[i])
+        i += 1
+    return out_stages, out_factors
 
 
 def compose(stages: Sequence[Stage], factors: Sequence[jax.Array]) -> jax.Array:
