@@ -27,7 +27,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +94,44 @@ def conv(
         if kind == "shift":
             return shifted(x, kernel, groups, strides, padding, dilation)
     return lax_conv(x, kernel, groups, strides, padding, dilation)
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    **kwargs: Any,
+) -> jax.Array:
+    """``lax.conv_general_dilated``'s signature, running :func:`conv` where it can.
+
+    Pass it to ``nnx.Conv(..., conv_general_dilated=factorize.ops.conv_general_dilated)`` so a
+    plain depthwise ``nnx.Conv`` (e.g. MobileNet's) takes the fast path; anything :func:`conv`
+    does not cover (not 2-D NHWC/HWIO, input dilation, precision or sharding options) goes to
+    ``lax.conv_general_dilated`` unchanged.
+    """
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSION_NUMBERS)
+    plain = (
+        lhs.ndim == 4
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
+        and all(int(d) == 1 for d in (lhs_dilation or (1, 1)))
+        and all(v is None for v in kwargs.values())
+    )
+    if not plain:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, **kwargs,
+        )
+    dilation = tuple(rhs_dilation or (1, 1))
+    if isinstance(padding, str):
+        dilated = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation, strict=True)]
+        padding = lax.padtype_to_pads(lhs.shape[1:3], dilated, window_strides, padding)
+    return conv(lhs, rhs, groups=feature_group_count, strides=tuple(window_strides),
+                padding=tuple(padding), dilation=dilation)
 
 
 def lax_conv(

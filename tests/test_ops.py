@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 import factorize
 from factorize import ops
@@ -173,3 +174,48 @@ def test_import_changes_no_global_state():
     env["PYTHONPATH"] = root
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("groups,padding,strides,dilation", [
+    (6, "SAME", (2, 2), (1, 1)), (6, "VALID", (1, 2), (2, 1)), (1, ((1, 0), (2, 1)), (1, 1), (1, 1)),
+    (3, "SAME", (1, 1), (1, 1)),
+])
+def test_conv_general_dilated_drop_in(groups, padding, strides, dilation):
+    """The ``nnx.Conv(conv_general_dilated=...)`` hook equals lax, gradients included."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 6))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 6 // groups, 12))
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def run(fn, x, k):
+        return fn(x, k, strides, padding, None, dilation, dn, groups)
+
+    def loss(fn):
+        return lambda x, k: jnp.sum(run(fn, x, k) ** 2)
+
+    got = jax.jit(lambda x, k: run(ops.conv_general_dilated, x, k))(x, k)
+    np.testing.assert_allclose(got, run(lax.conv_general_dilated, x, k), rtol=1e-5, atol=1e-5)
+    g_got = jax.grad(loss(ops.conv_general_dilated), (0, 1))(x, k)
+    g_ref = jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, k)
+    for a, b in zip(g_got, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # input dilation is not covered by the fast path: handed to lax unchanged
+    pads = ((1, 1), (1, 1))
+    got = ops.conv_general_dilated(x, k, (1, 1), pads, (2, 1), None, dn, groups)
+    ref = lax.conv_general_dilated(x, k, (1, 1), pads, (2, 1), None, dn, groups)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mobilenet_depthwise_takes_the_fast_path():
+    from flax import nnx
+
+    from factorize.models import make_model
+
+    m = make_model("mobilenet", num_classes=10, in_channels=3, alpha=0.25, rngs=nnx.Rngs(0))
+    m.eval()
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    jaxpr = str(jax.make_jaxpr(lambda x: m(x))(x))
+    assert "feature_group_count=8" not in jaxpr  # the first block's depthwise (8 channels)
+    with ops.implementation("lax"):
+        ref = m(x)
+        assert "feature_group_count=8" in str(jax.make_jaxpr(lambda x: m(x))(x))
+    np.testing.assert_allclose(m(x), ref, rtol=1e-5, atol=1e-5)

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
+from factorize import ops
+
 # (out_channels, stride) of the 13 depthwise-separable blocks; the CIFAR variant keeps the
 # paper's channel plan and drops the stem stride, so 32×32 ends at 2×2.
 MOBILENET_BLOCKS: tuple[tuple[int, int], ...] = (
@@ -25,8 +27,11 @@ class DepthwiseSeparable(nnx.Module):
 
     def __init__(self, cin: int, cout: int, stride: int, *, conv: Callable, rngs: nnx.Rngs):
         # The depthwise conv is part of the architecture, already structured: not factorizable.
+        # It runs through factorize.ops (shifted multiply-adds on CPU; XLA's grouped conv is
+        # hundreds of times slower there, DESIGN.md §4).
         self.depthwise = nnx.Conv(
-            cin, cin, (3, 3), strides=stride, feature_group_count=cin, use_bias=False, rngs=rngs
+            cin, cin, (3, 3), strides=stride, feature_group_count=cin, use_bias=False,
+            conv_general_dilated=ops.conv_general_dilated, rngs=rngs,
         )
         self.bn1 = nnx.BatchNorm(cin, momentum=0.9, rngs=rngs)
         self.pointwise = conv(cin, cout, (1, 1), use_bias=False, rngs=rngs)
