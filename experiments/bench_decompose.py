@@ -8,14 +8,16 @@ prints the first-call time (factorize: including jit compilation), the steady-st
 of ``--repeats`` further calls), the relative error ``‖W − Ŵ‖/‖W‖`` of each (computed here, in
 float64, from the returned factors) and the ratios. Kernels: ``random`` (i.i.d. normal),
 ``planted`` (exact CP rank R, or Tucker ranks (R1, R2), plus 10 % Gaussian noise) and, with
-``--kernel PATH.npy`` (HWIO), a trained kernel.
+``--kernel PATH.npy`` (HWIO) or ``--checkpoint CKPT --layer PATH`` (a conv of a factorize
+checkpoint, e.g. the Fashion-MNIST CNN's ``conv4``), a trained kernel.
 
 ``--resnet18`` instead times the whole-model check: cp4 at a quarter of the parameters on every
 3×3 conv kernel of a ResNet-18-sized set (11.0M parameters, random kernels).
 
 Command (the README's table):
 
-    python experiments/bench_decompose.py --json bench_decompose.json
+    python experiments/bench_decompose.py --json bench_decompose.json \
+        --checkpoint results/fashion_mnist/runs/baseline-seed0/checkpoint --layer conv4
     python experiments/bench_decompose.py --resnet18
 
 Expected runtime on 2 CPU cores: about 15–25 minutes for the full table (tensorly's cp4 on
@@ -72,6 +74,18 @@ def make_kernel(shape_oihw, kind: str, family: str, rank, seed: int) -> np.ndarr
     else:
         raise ValueError(f"unknown kind {kind!r}")
     return (w / np.linalg.norm(w)).astype(np.float32)
+
+
+def checkpoint_kernel(path: str, layer: str) -> np.ndarray:
+    """The HWIO kernel of conv ``layer`` (a path such as ``conv4``) of a factorize checkpoint."""
+    from factorize.models import conv_layers
+    from factorize.training import restore
+
+    convs = conv_layers(restore(path))
+    if layer not in convs or not hasattr(convs[layer], "kernel"):
+        raise ValueError(f"--layer {layer!r} is not a plain conv of {path}; convs: "
+                         + ", ".join(convs))
+    return np.asarray(convs[layer].kernel[...], np.float32)
 
 
 def rel_error(w: np.ndarray, approx: np.ndarray) -> float:
@@ -184,6 +198,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--families", default="cp4,cp3,tucker2")
     p.add_argument("--kinds", default="random,planted")
     p.add_argument("--kernel", help="a trained HWIO kernel (.npy) to add as kind 'trained'")
+    p.add_argument("--checkpoint", help="a factorize checkpoint to take a trained kernel from")
+    p.add_argument("--layer", default="conv4", help="the conv of --checkpoint (default conv4)")
     p.add_argument("--n-iter", type=int, default=100)
     p.add_argument("--init", default="svd", choices=("svd", "random"))
     p.add_argument("--repeats", type=int, default=3, help="factorize steady-state calls")
@@ -208,7 +224,11 @@ def main(argv=None) -> list[dict]:
     print(f"{'family':8s} {'shape (N,C,kh,kw)':17s} {'rank':10s} {'kind':8s} {'fz 1st':>8s} "
           f"{'fz':>8s} {'tl':>8s} {'speedup':>8s} {'fz err':>9s} {'tl err':>9s} {'ratio':>7s}")
     rows = []
+    if args.kernel and args.checkpoint:
+        p.error("--kernel and --checkpoint are alternatives; pass one")
     trained = np.load(args.kernel).astype(np.float32) if args.kernel else None
+    if args.checkpoint:
+        trained = checkpoint_kernel(args.checkpoint, args.layer)
     for shape in shapes:
         for family in families:
             for rank in tucker_ranks if family == "tucker2" else cp_ranks:

@@ -71,6 +71,27 @@ def test_cnn_counts():
         assert count_macs(m, jnp.zeros((1, hw, hw, 1))) == want
 
 
+def test_cnn_four_convs_counts():
+    """The Fashion-MNIST CNN (training default): an extra stride-1 conv at 7×7."""
+    from factorize.training import get_config
+
+    kw = get_config("fashion_mnist", "cnn").model_kwargs
+    assert kw == {"widths": [32, 64, 128, 128], "strides": [1, 2, 2, 1]}
+    m = make_model("cnn", num_classes=10, in_channels=1, rngs=nnx.Rngs(0), **kw)
+    convs = 9 * 1 * 32 + 9 * 32 * 64 + 9 * 64 * 128 + 9 * 128 * 128
+    assert count_params(m) == convs + 2 * (32 + 64 + 128 + 128) + 128 * 10 + 10 == 241_898
+    m.eval()
+    want = (28 * 28 * 9 * 32 + 14 * 14 * 9 * 32 * 64 + 7 * 7 * 9 * 64 * 128
+            + 7 * 7 * 9 * 128 * 128 + 128 * 10)
+    assert count_macs(m, jnp.zeros((1, 28, 28, 1))) == want == 14_677_760
+
+
+def test_cnn_rejects_mismatched_widths_and_strides():
+    with pytest.raises(ValueError, match="widths and strides"):
+        make_model("cnn", num_classes=10, in_channels=1, widths=(8, 16), strides=(1,),
+                   rngs=nnx.Rngs(0))
+
+
 def test_cnn_dsc_counts():
     # Depthwise-separable rank 1: depthwise k×k at the output resolution, then 1×1.
     m = make_model(
