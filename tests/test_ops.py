@@ -119,11 +119,11 @@ FAMILY_RANKS = [
 ]
 
 
-GEOMETRIES = [dict(strides=(2, 1), padding="SAME"),
-              dict(strides=1, padding="VALID", dilation=(1, 2))]
+CHAIN_GEOMETRIES = [dict(strides=(2, 1), padding="SAME"),
+                    dict(strides=1, padding="VALID", dilation=(1, 2))]
 
 
-@pytest.mark.parametrize("geom", GEOMETRIES, ids=["stride21-same", "dilation12-valid"])
+@pytest.mark.parametrize("geom", CHAIN_GEOMETRIES, ids=["stride21-same", "dilation12-valid"])
 @pytest.mark.parametrize("family,rank", FAMILY_RANKS, ids=lambda v: str(v))
 def test_chain_equal_and_macs_under_both_implementations(family, rank, geom):
     """Includes cp4, whose kh×1 and 1×kw depthwise stages the fast path runs merged."""
