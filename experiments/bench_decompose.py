@@ -161,6 +161,20 @@ def bench_row(w, kind, family, rank, shape, args) -> dict:
     return row
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The README's table, rebuilt from the JSON rows (``--render PATH``)."""
+    lines = ["| shape (N, C, kh, kw) | family | rank | kernel | factorize (s) | tensorly (s) "
+             "| speed-up | factorize error | tensorly error | error ratio |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        rank = tuple(r["rank"]) if isinstance(r["rank"], list) else r["rank"]
+        lines.append(
+            f"| {tuple(r['shape'])} | {r['family']} | {rank} | {r['kind']} "
+            f"| {r['fz_time_s']:.2f} | {r['tl_time_s']:.1f} | {r['speedup']:.0f}× "
+            f"| {r['fz_rel_error']:.4f} | {r['tl_rel_error']:.4f} | {r['error_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
 def resnet18(args) -> None:
     rng = np.random.default_rng(0)
     kernels = [
@@ -206,7 +220,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--tl-repeats", type=int, default=1,
                    help="tensorly steady-state calls (0: time the one first call; tensorly has no "
                    "compilation, so its first call is already steady state)")
+    p.add_argument("--render", metavar="JSON", help="only print the markdown table of a --json")
     args = p.parse_args(argv)
+    if args.render:
+        with open(args.render) as fh:
+            print(markdown_table(json.load(fh)))
+        return []
     if args.resnet18:
         resnet18(args)
         return []
@@ -246,6 +265,7 @@ def main(argv=None) -> list[dict]:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
+    print(markdown_table(rows))
     return rows
 
 

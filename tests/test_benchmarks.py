@@ -1,0 +1,58 @@
+"""The benchmark scripts in --quick mode: their JSON rows carry the keys the issues ask for and
+hold values in range (timings are not checked: speed is measured by the benchmarks, not tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_decompose_quick(tmp_path, capsys):
+    out = tmp_path / "bd.json"
+    rows = _load("bench_decompose").main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
+    assert {(r["family"], r["kind"]) for r in rows} == {
+        (f, k) for f in ("cp4", "cp3", "tucker2") for k in ("random", "planted")}
+    for r in rows:
+        assert {"family", "shape", "rank", "kind", "fz_time_s", "tl_time_s", "fz_rel_error",
+                "tl_rel_error"} <= set(r)
+        assert r["fz_time_s"] > 0 and r["tl_time_s"] > 0
+        assert 0 <= r["fz_rel_error"] < 1 and 0 <= r["tl_rel_error"] < 1
+        # same rank, budget and init kind as tensorly: never worse by more than 1 %
+        assert r["error_ratio"] <= 1.01, r
+    table = capsys.readouterr().out
+    assert "| (32, 24, 3, 3) | cp4 | 8 | planted |" in table
+    _load("bench_decompose").main(["--render", str(out)])  # rebuilt from the JSON alone
+    rendered = capsys.readouterr().out.strip()
+    assert rendered.startswith("| shape") and table.rstrip().endswith(rendered)
+
+
+def test_bench_latency_quick(tmp_path):
+    out = tmp_path / "bl.json"
+    _load("bench_latency").main(["--quick", "--configs", "default", "--families", "dsc", "cp3",
+                                 "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert {(r["family"], r["target"]) for r in rows} == {
+        (f, t) for f in ("dsc", "cp3") for t in (1 / 4, 1 / 8)}
+    for r in rows:
+        assert {"family", "channels", "hw", "mac_ratio", "fwd_speedup", "train_speedup",
+                "efficiency"} <= set(r)
+        assert (r["channels"], r["hw"]) == (16, 8)
+        assert 0 < r["mac_ratio"] <= r["target"] or r["rank"] == 1
+        assert math.isclose(r["efficiency"], r["fwd_speedup"] * r["mac_ratio"])
+        assert r["fwd_speedup"] > 0 and r["train_speedup"] > 0
