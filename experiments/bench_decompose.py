@@ -20,15 +20,19 @@ Command (the README's table):
         --checkpoint results/fashion_mnist/runs/baseline-seed0/checkpoint --layer conv4
     python experiments/bench_decompose.py --resnet18
 
-Expected runtime on 2 CPU cores: about 15–25 minutes for the full table (tensorly's cp4 on
-(512,512,3,3) at rank 256 alone takes ~5 minutes per kernel), under a minute for ``--resnet18``,
-and ~20 s for ``--quick`` (one small shape, used by the tests).
+Expected runtime on 2 CPU cores: one to two hours for the full table, almost all of it
+tensorly's cp4 and cp3 on (256,256,3,3) and (512,512,3,3) (2–7 minutes per kernel); under a
+minute for ``--resnet18``; ~20 s for ``--quick`` (one small shape, used by the tests). The JSON
+is rewritten after every row and a rerun with the same ``--json`` measures only the missing
+rows, so the table can be built in pieces (e.g. ``--families tucker2`` on a quiet machine: its
+many small steps suffer most from other jobs, 1.2 s quiet vs 10–40 s at load average 5).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,6 +42,7 @@ import jax
 import numpy as np
 
 import factorize
+from factorize._io import atomic_write_json
 
 SHAPES = ((64, 64, 3, 3), (256, 256, 3, 3), (512, 512, 3, 3))  # (N, C, kh, kw), as papers list
 CP_RANKS = (64, 256)
@@ -135,7 +140,14 @@ def timed(fn: Callable, repeats: int):
     return out, first, (statistics.median(times) if times else first)
 
 
+def row_key(family: str, shape, rank, kind: str, n_iter: int, init: str) -> tuple:
+    """What identifies a measurement: a rerun with the same ``--json`` skips rows it holds."""
+    rank = tuple(rank) if isinstance(rank, (list, tuple)) else rank
+    return family, tuple(shape), rank, kind, n_iter, init
+
+
 def bench_row(w, kind, family, rank, shape, args) -> dict:
+    load_before = os.getloadavg()[0]
     f, fz_first, fz_time = timed(
         lambda: run_factorize(w, family, rank, args.n_iter, args.init), args.repeats)
     fz_err = rel_error(w, np.asarray(f.to_kernel(), np.float64))
@@ -151,6 +163,8 @@ def bench_row(w, kind, family, rank, shape, args) -> dict:
         # errors below 1e-5 count as equal: both fits are exact up to float32 round-off (e.g.
         # tucker2 at full rank (64, 64) of a 64-channel kernel: 1.0e-6 here, 3e-7 tensorly)
         "error_ratio": max(fz_err, ROUND_OFF) / max(tl_err, ROUND_OFF),
+        # the machines are shared: the 1-minute load average before and after the row
+        "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print(
         f"{family:8s} {str(tuple(shape)):17s} {str(rank):10s} {kind:8s} "
@@ -166,6 +180,11 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| shape (N, C, kh, kw) | family | rank | kernel | factorize (s) | tensorly (s) "
              "| speed-up | factorize error | tensorly error | error ratio |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    order = {f: i for i, f in enumerate(("cp4", "cp3", "tucker2"))}
+    kinds = {k: i for i, k in enumerate(("random", "planted", "trained"))}
+    rows = sorted(rows, key=lambda r: (r["kind"] == "trained", tuple(r["shape"]),
+                                       order.get(r["family"], 9), str(r["rank"]),
+                                       kinds.get(r["kind"], 9)))
     for r in rows:
         rank = tuple(r["rank"]) if isinstance(r["rank"], list) else r["rank"]
         lines.append(
@@ -205,7 +224,8 @@ def resnet18(args) -> None:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--json", help="write the rows as a JSON list to this path")
+    p.add_argument("--json", help="write the rows as a JSON list to this path (after every row; "
+                   "a rerun with the same path keeps its rows and measures only the missing ones)")
     p.add_argument("--quick", action="store_true", help="one small shape, few iterations")
     p.add_argument("--resnet18", action="store_true", help="the whole-model timing instead")
     p.add_argument("--shapes", default=None, help="e.g. 256x256x3x3,512x512x3x3 (N×C×kh×kw)")
@@ -243,6 +263,21 @@ def main(argv=None) -> list[dict]:
     print(f"{'family':8s} {'shape (N,C,kh,kw)':17s} {'rank':10s} {'kind':8s} {'fz 1st':>8s} "
           f"{'fz':>8s} {'tl':>8s} {'speedup':>8s} {'fz err':>9s} {'tl err':>9s} {'ratio':>7s}")
     rows = []
+    if args.json and os.path.exists(args.json):
+        with open(args.json) as fh:
+            rows = json.load(fh)
+        if not isinstance(rows, list):
+            p.error(f"--json {args.json} holds {type(rows).__name__}, not a list of rows")
+    done = {row_key(r["family"], r["shape"], r["rank"], r["kind"], r["n_iter"], r["init"])
+            for r in rows}
+
+    def measure(make_kernel_, kind, family, rank, shape):
+        if row_key(family, shape, rank, kind, args.n_iter, args.init) in done:
+            return
+        rows.append(bench_row(make_kernel_(), kind, family, rank, shape, args))
+        if args.json:
+            atomic_write_json(args.json, rows)
+
     if args.kernel and args.checkpoint:
         p.error("--kernel and --checkpoint are alternatives; pass one")
     trained = np.load(args.kernel).astype(np.float32) if args.kernel else None
@@ -254,17 +289,14 @@ def main(argv=None) -> list[dict]:
                 r = rank if family != "tucker2" else tuple(min(a, b) for a, b in
                                                            zip(rank, shape[1::-1], strict=True))
                 for seed, kind in enumerate(kinds):
-                    w = make_kernel(shape, kind, family, r, seed)
-                    rows.append(bench_row(w, kind, family, r, shape, args))
+                    measure(lambda: make_kernel(shape, kind, family, r, seed),  # noqa: B023
+                            kind, family, r, shape)
     if trained is not None:
         kh, kw, c, n = trained.shape
         for family in families:
             for rank in tucker_ranks if family == "tucker2" else cp_ranks:
                 r = rank if family != "tucker2" else (min(rank[0], c), min(rank[1], n))
-                rows.append(bench_row(trained, "trained", family, r, (n, c, kh, kw), args))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+                measure(lambda: trained, "trained", family, r, (n, c, kh, kw))
     print(markdown_table(rows))
     return rows
 

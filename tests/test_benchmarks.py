@@ -40,6 +40,9 @@ def test_bench_decompose_quick(tmp_path, capsys):
     _load("bench_decompose").main(["--render", str(out)])  # rebuilt from the JSON alone
     rendered = capsys.readouterr().out.strip()
     assert rendered.startswith("| shape") and table.rstrip().endswith(rendered)
+    # a rerun with the same --json keeps every measured row and measures nothing again
+    again = _load("bench_decompose").main(["--quick", "--json", str(out), "--families", "cp3"])
+    assert again == json.loads(out.read_text()) == json.loads(json.dumps(rows))
 
 
 def test_bench_latency_quick(tmp_path):
