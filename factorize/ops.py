@@ -191,19 +191,25 @@ def shifted(
     padding: Pads,
     dilation: Pair,
 ) -> jax.Array:
-    """A grouped conv with ``cin_g == 1`` (depthwise, any multiplier) or ``cout_g == 1``
-    (BSConv's ``r → 1``), as shifted multiply-adds (:func:`_grouped_shift`).
+    """A grouped conv with ``cin_g == 1`` (depthwise, any multiplier) or ``cout_g == 1``.
 
-    lax's group ``g`` reads inputs ``g·I … g·I+I−1`` and owns outputs ``g·M … g·M+M−1``, so
-    ``(B, H, W, G, I)`` and ``(B, H, W, G, M)`` views of input and output are free reshapes; no
-    input is repeated for a multiplier nor transposed for several inputs per group.
+    Both become depthwise convs (:func:`_depthwise`, ``(B, H, W, G)`` × ``(kh, kw, G)``):
+    with a multiplier ``m`` the input is repeated ``m`` times; with ``I`` inputs per group and
+    one output the result is a sum of ``I`` depthwise convs.
     """
     b, h, w, c = x.shape
     kh, kw, cin_g, cout = kernel.shape
-    m = cout // groups
-    k5 = kernel.reshape(kh, kw, cin_g, groups, m).transpose(0, 1, 3, 2, 4)  # (kh, kw, G, I, M)
-    y = _grouped_shift(x.reshape(b, h, w, groups, cin_g), k5, strides, padding, dilation)
-    return y.reshape(*y.shape[:3], cout)
+    geometry = (strides, padding, dilation)
+    if cin_g == 1:
+        mult = cout // groups
+        if mult > 1:  # lax's group c owns outputs c·m … c·m+m−1, all reading input c
+            x = jnp.repeat(x, mult, axis=-1)
+        return _depthwise(x, kernel[:, :, 0, :], *geometry)
+    # cout_g == 1: group g reads inputs g·I … g·I+I−1; (B, H, W, I, G) makes each I-slice a
+    # contiguous depthwise input.
+    xt = x.reshape(b, h, w, groups, cin_g).transpose(0, 1, 2, 4, 3)
+    terms = [_depthwise(xt[:, :, :, i, :], kernel[:, :, i, :], *geometry) for i in range(cin_g)]
+    return functools.reduce(jnp.add, terms)
 
 
 def _out_len(n: int, k: int, s: int, pad: tuple[int, int], d: int) -> int:
@@ -211,20 +217,17 @@ def _out_len(n: int, k: int, s: int, pad: tuple[int, int], d: int) -> int:
 
 
 def _pad_hw(x: jax.Array, config: list[tuple[int, int, int]]) -> jax.Array:
-    """Pads axes 1 and 2 (``lax.pad`` configs); the batch and trailing axes are untouched."""
     if all(c == (0, 0, 0) for c in config):
         return x
-    rest = [(0, 0, 0)] * (x.ndim - 3)
-    return lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *config, *rest])
+    return lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *config, (0, 0, 0)])
 
 
 def _tap(xp: jax.Array, i: int, j: int, out_hw: Pair, strides: Pair, dilation: Pair) -> jax.Array:
     """The input window that kernel tap (i, j) multiplies, for every output position."""
     (oh, ow), (sh, sw), (dh, dw) = out_hw, strides, dilation
-    rest = xp.ndim - 3
-    start = (0, i * dh, j * dw) + (0,) * rest
-    limit = (xp.shape[0], i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, *xp.shape[3:])
-    return lax.slice(xp, start, limit, (1, sh, sw) + (1,) * rest)
+    start = (0, i * dh, j * dw, 0)
+    limit = (xp.shape[0], i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, xp.shape[3])
+    return lax.slice(xp, start, limit, (1, sh, sw, 1))
 
 
 # Shifted multiply-adds are memory-bound: kh·kw passes over the input. Running them over a few
@@ -279,17 +282,12 @@ def _chunked_sum(fn, *arrays, chunk_bytes: int = _CHUNK_BYTES):
     )
 
 
-def _sum_axis(a: jax.Array, axis: int) -> jax.Array:
-    return lax.squeeze(a, (axis,)) if a.shape[axis] == 1 else a.sum(axis)
-
-
 def _shift_forward(x, kernel, strides, padding, dilation):
     return _chunked_map(lambda x: _shift_forward_all(x, kernel, strides, padding, dilation), x)
 
 
 def _shift_forward_all(x, kernel, strides, padding, dilation):
-    """``(B, H, W, G, I)`` × ``(kh, kw, G, I, M)`` → ``(B, OH, OW, G, M)``."""
-    _, h, w = x.shape[:3]
+    _, h, w, _ = x.shape
     kh, kw = kernel.shape[:2]
     out_hw = (
         _out_len(h, kh, strides[0], padding[0], dilation[0]),
@@ -299,9 +297,9 @@ def _shift_forward_all(x, kernel, strides, padding, dilation):
     acc = None
     for i in range(kh):
         for j in range(kw):
-            term = _tap(xp, i, j, out_hw, strides, dilation)[..., None] * kernel[i, j]
+            term = _tap(xp, i, j, out_hw, strides, dilation) * kernel[i, j]
             acc = term if acc is None else acc + term
-    return _sum_axis(acc, 4)
+    return acc
 
 
 # The kernel gradient reads two arrays per tap (window and cotangent): smaller chunks keep both in
@@ -332,8 +330,7 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 
 def _sum_of_products(a: jax.Array, b: jax.Array, ways: int = 8) -> jax.Array:
-    """``(a * b).sum((0, 1))`` for ``(B, H, W, …)`` arrays (broadcast after W), giving
-    ``(W, …)``.
+    """``(a * b).sum((0, 1))`` for ``(B, H, W, C)`` arrays, giving ``(W, C)``.
 
     The first level sums ``ways`` blocks of products (split along B, then H) in one fused pass
     that writes no product array; :func:`_tree_sum` halves what is left. The blocks are slices
@@ -346,11 +343,11 @@ def _sum_of_products(a: jax.Array, b: jax.Array, ways: int = 8) -> jax.Array:
     blocks = [(slice(i * nb, (i + 1) * nb), slice(j * nh, (j + 1) * nh))
               for i in range(kb) for j in range(kh)]
     first = functools.reduce(jnp.add, [a[s] * b[s] for s in blocks])
-    return _tree_sum(first.reshape(nb * nh, *first.shape[2:]))
+    return _tree_sum(first.reshape(nb * nh, *a.shape[2:]))
 
 
 def _shift_grad_kernel(x, g, kernel_hw, strides, padding, dilation):
-    """dL/dk[i, j] = Σ_{b, positions} window(i, j) · g: one tree reduction per tap."""
+    """dL/dk[i, j, :] = Σ_{b, positions} window(i, j) · g: one tree reduction per tap."""
     return _chunked_sum(
         lambda x, g: _shift_grad_kernel_all(x, g, kernel_hw, strides, padding, dilation), x, g,
         chunk_bytes=_GRAD_KERNEL_CHUNK_BYTES,
@@ -358,14 +355,11 @@ def _shift_grad_kernel(x, g, kernel_hw, strides, padding, dilation):
 
 
 def _shift_grad_kernel_all(x, g, kernel_hw, strides, padding, dilation):
-    """``x`` ``(B, H, W, G, I)``, ``g`` ``(B, OH, OW, G, M)`` → ``(kh, kw, G, I, M)``."""
-    out_hw = g.shape[1:3]
+    b, oh, ow, c = g.shape
     xp = _pad_hw(x, [(*padding[0], 0), (*padding[1], 0)])
-    g6 = g[..., None, :]
 
     def tap_grad(i, j):
-        window = _tap(xp, i, j, out_hw, strides, dilation)[..., None]
-        return _tree_sum(_sum_of_products(window, g6))
+        return _tree_sum(_sum_of_products(_tap(xp, i, j, (oh, ow), strides, dilation), g))
 
     rows = [[tap_grad(i, j) for j in range(kernel_hw[1])] for i in range(kernel_hw[0])]
     return jnp.stack([jnp.stack(r) for r in rows])
@@ -383,7 +377,6 @@ def _shift_grad_input(g, kernel, in_hw, strides, padding, dilation):
 
 
 def _shift_grad_input_all(g, kernel, in_hw, strides, padding, dilation):
-    """``g`` ``(B, OH, OW, G, M)`` × ``(kh, kw, G, I, M)`` → ``(B, H, W, G, I)``."""
     kh, kw = kernel.shape[:2]
     config = []
     for a, k in ((0, kh), (1, kw)):
@@ -396,28 +389,27 @@ def _shift_grad_input_all(g, kernel, in_hw, strides, padding, dilation):
     acc = None
     for i in range(kh):
         for j in range(kw):
-            term = _tap(gp, i, j, in_hw, (1, 1), dilation)[..., None, :] * flipped[i, j]
+            term = _tap(gp, i, j, in_hw, (1, 1), dilation) * flipped[i, j]
             acc = term if acc is None else acc + term
-    return _sum_axis(acc, 5)
+    return acc
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _grouped_shift(x, kernel, strides, padding, dilation):
-    """Grouped conv ``(B, H, W, G, I)`` × ``(kh, kw, G, I, M)`` → ``(B, OH, OW, G, M)`` (with
-    ``I == 1`` or ``M == 1``) as shifted multiply-adds; its VJP is shifted multiply-adds too
-    (XLA lowers a grouped conv's kernel gradient as a dense conv)."""
+def _depthwise(x, kernel, strides, padding, dilation):
+    """Depthwise conv ``(B, H, W, G)`` × ``(kh, kw, G)`` as shifted multiply-adds; its VJP is
+    shifted multiply-adds too (XLA lowers a grouped conv's kernel gradient as a dense conv)."""
     return _shift_forward(x, kernel, strides, padding, dilation)
 
 
-def _grouped_shift_fwd(x, kernel, strides, padding, dilation):
+def _shift_conv_fwd(x, kernel, strides, padding, dilation):
     return _shift_forward(x, kernel, strides, padding, dilation), (x, kernel)
 
 
-def _grouped_shift_bwd(strides, padding, dilation, res, g):
+def _shift_conv_bwd(strides, padding, dilation, res, g):
     x, kernel = res
     dk = _shift_grad_kernel(x, g, kernel.shape[:2], strides, padding, dilation)
     dx = _shift_grad_input(g, kernel, x.shape[1:3], strides, padding, dilation)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-_grouped_shift.defvjp(_grouped_shift_fwd, _grouped_shift_bwd)
+_depthwise.defvjp(_shift_conv_fwd, _shift_conv_bwd)
