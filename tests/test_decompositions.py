@@ -236,3 +236,17 @@ def test_non_finite_kernel_and_unknown_option(family, rank):
 def test_projections_leave_x64_off():
     factorize.decompose(np.ones(S2, np.float32), "cp4", 4, n_iter=2)
     assert not jax.config.jax_enable_x64
+
+
+@pytest.mark.parametrize("n", [5, 64, 65, 200])
+def test_spd_inverse_matches_numpy(n):
+    """The ALS normal equations' inverse (block Gauss–Jordan in 64-blocks, padded past a
+    multiple of 64) against numpy's float64 inverse, on an SPD matrix with condition ~1e3."""
+    from factorize.decompositions.cp import _spd_inverse
+
+    x = np.random.default_rng(n).standard_normal((n, n + 3))
+    a = x @ x.T / n + 1e-2 * np.eye(n)
+    inv = np.asarray(jax.jit(_spd_inverse)(a.astype(np.float32), np.float32(1e-2)))
+    ref = np.linalg.inv(a)
+    assert np.linalg.norm(inv - ref) / np.linalg.norm(ref) < 1e-4
+    np.testing.assert_array_equal(inv, inv.T)
