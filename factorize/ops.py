@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from factorize._reductions import tree_sum
+
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 Pads = tuple[tuple[int, int], tuple[int, int]]
 Pair = tuple[int, int]
@@ -308,23 +310,6 @@ def _shift_forward_all(x, kernel, strides, padding, dilation):
 _GRAD_KERNEL_CHUNK_BYTES = 1 << 20
 
 
-def _tree_sum(a: jax.Array) -> jax.Array:
-    """``a.sum(0)`` by pairwise halving: every level is one contiguous elementwise add.
-
-    Why: XLA:CPU emits scalar loops for a reduction over major axes that keeps the channel axis
-    (``Σ_{b,h,w} window · g``), about 1 G elements/s; halving runs vectorized. The depthwise
-    kernel gradient (3×3, batch 32) went from 14–28 ms to 1.3–1.6 ms at C = 128, 16×16 and from
-    64–420 ms to 23–25 ms at C = 256, 32×32 (with :func:`_sum_of_products`).
-    """
-    while a.shape[0] > 1:
-        half = a.shape[0] // 2
-        top = a[:half] + a[half : 2 * half]
-        if a.shape[0] % 2:
-            top = top.at[0].add(a[2 * half])
-        a = top
-    return a[0]
-
-
 def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
@@ -333,7 +318,7 @@ def _sum_of_products(a: jax.Array, b: jax.Array, ways: int = 8) -> jax.Array:
     """``(a * b).sum((0, 1))`` for ``(B, H, W, C)`` arrays, giving ``(W, C)``.
 
     The first level sums ``ways`` blocks of products (split along B, then H) in one fused pass
-    that writes no product array; :func:`_tree_sum` halves what is left. The blocks are slices
+    that writes no product array; :func:`tree_sum` halves what is left. The blocks are slices
     of the 4-D operands: reshaping a strided window first made XLA copy it (2–5× slower).
     """
     n, h = a.shape[:2]
@@ -343,7 +328,7 @@ def _sum_of_products(a: jax.Array, b: jax.Array, ways: int = 8) -> jax.Array:
     blocks = [(slice(i * nb, (i + 1) * nb), slice(j * nh, (j + 1) * nh))
               for i in range(kb) for j in range(kh)]
     first = functools.reduce(jnp.add, [a[s] * b[s] for s in blocks])
-    return _tree_sum(first.reshape(nb * nh, *a.shape[2:]))
+    return tree_sum(first.reshape(nb * nh, *a.shape[2:]))
 
 
 def _shift_grad_kernel(x, g, kernel_hw, strides, padding, dilation):
@@ -359,7 +344,7 @@ def _shift_grad_kernel_all(x, g, kernel_hw, strides, padding, dilation):
     xp = _pad_hw(x, [(*padding[0], 0), (*padding[1], 0)])
 
     def tap_grad(i, j):
-        return _tree_sum(_sum_of_products(_tap(xp, i, j, (oh, ow), strides, dilation), g))
+        return tree_sum(_sum_of_products(_tap(xp, i, j, (oh, ow), strides, dilation), g))
 
     rows = [[tap_grad(i, j) for j in range(kernel_hw[1])] for i in range(kernel_hw[0])]
     return jnp.stack([jnp.stack(r) for r in rows])

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from factorize._reductions import tree_sum
+
 # A floor on the ridge so an all-zero kernel (Gram = 0) still gives a solvable system.
 _TINY = 1e-30
 
@@ -236,11 +238,13 @@ def _als(w, u, v, spatial, tol, l2_reg, n_iter, capacity, kh, kw):
         kr_gram = kr.T @ kr
         # C mode: MTTKRP = Σ_{k,n} W[k,c,n] V[n,r] KR[k,r]
         q = (w_kc_n @ v).reshape(k, c, rank)
-        u = _solve((v.T @ v) * kr_gram, jnp.einsum("kcr,kr->cr", q, kr), l2_reg, u)
+        u = _solve((v.T @ v) * kr_gram, tree_sum(q * kr[:, None, :]), l2_reg, u)
         # N mode, and the spatial modes, from one product with the new u
         p = (w_kn_c @ u).reshape(k, n, rank)
-        v = _solve((u.T @ u) * kr_gram, jnp.einsum("knr,kr->nr", p, kr), l2_reg, v)
-        g = jnp.einsum("knr,nr->kr", p, v)
+        v = _solve((u.T @ u) * kr_gram, tree_sum(p * kr[:, None, :]), l2_reg, v)
+        # g[k, r] = Σ_n p[k, n, r] v[n, r]; sums over major axes as trees (factorize._reductions:
+        # 1 ms instead of einsum's 12–21 ms at (9, 512, 572), a fifth of a sweep)
+        g = tree_sum(jnp.swapaxes(p * v, 0, 1))
         uv_gram = (u.T @ u) * (v.T @ v)
         spatial = _spatial_update(g, spatial, uv_gram, l2_reg, kh, kw)
         kr = _khatri_rao(spatial)
