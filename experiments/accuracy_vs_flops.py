@@ -250,12 +250,17 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _half_range(values: list[float]) -> float:
+    return (max(values) - min(values)) / 2
+
+
 def _mean_spread(values: list[float]) -> str:
-    """mean ± half the range (over seeds), in percent."""
+    """mean ± half the range (over seeds), in percent; a single seed has no spread to show."""
     if not values:
         return "–"
-    m = statistics.fmean(values)
-    return f"{100 * m:.2f} ± {100 * (max(values) - min(values)) / 2:.2f}"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f} (1 seed)"
+    return f"{100 * statistics.fmean(values):.2f} ± {100 * _half_range(values):.2f}"
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -324,14 +329,21 @@ def verdict(summary: list[dict]) -> str:
         cands = [s for s in summary if s["mac_fraction"] == fraction
                  and s["family"] != "full" and not s["infeasible"]]
         for label, key in (("converted + fine-tuned", "after"), ("from scratch", "scratch")):
-            scored = sorted(((statistics.fmean(s[key]), s["family"]) for s in cands if s[key]),
-                            reverse=True)
+            scored = sorted(((statistics.fmean(s[key]), s["family"], s[key]) for s in cands
+                             if s[key]), reverse=True)
             if len(scored) < 2:
                 continue
-            (a1, f1), (a2, f2) = scored[0], scored[1]
+            (a1, f1, v1), (a2, f2, v2) = scored[0], scored[1]
             gap = f" (baseline {100 * base_acc:.2f})" if base_acc is not None else ""
+            if min(len(v1), len(v2)) < 2:
+                note = "one seed only, so no spread to compare the lead with"
+            else:
+                spread = 100 * max(_half_range(v1), _half_range(v2))
+                note = (f"{'more' if 100 * (a1 - a2) > spread else 'no more'} than the "
+                        f"seed-to-seed spread (± {spread:.2f})")
             out.append(f"- At ≤ {fraction:g} of the MACs, {label}: **{f1}** wins with "
-                       f"{100 * a1:.2f}%, {100 * (a1 - a2):.2f} points ahead of {f2}{gap}.")
+                       f"{100 * a1:.2f}%, {100 * (a1 - a2):.2f} points ahead of {f2}{gap}; "
+                       f"{note}.")
     return "\n".join(out)
 
 

@@ -115,3 +115,40 @@ def test_rebuild_without_results_names_the_file(tmp_path):
     res = _run("--rebuild", "--out", str(tmp_path), timeout=300)
     assert res.returncode != 0
     assert "results.jsonl has no results" in res.stderr
+
+
+def _load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("accuracy_vs_flops", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["accuracy_vs_flops"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_verdict_weighs_the_lead_against_the_seed_spread():
+    """Hand-made rows: the verdict names the winner and says whether its lead is more than the
+    seed-to-seed spread (half-range), or that one seed gives no spread at all."""
+    avf = _load_script()
+
+    def row(family, kind, seed, acc):
+        return dict(family=family, kind=kind, seed=seed, accuracy=acc, mac_fraction=0.25,
+                    macs=100, mac_ratio=0.25, accuracy_before_finetune=0.5,
+                    infeasible_layers=[], dataset="d", model="m")
+
+    rows = [row("full", "baseline", s, 0.92) for s in (0, 1)]
+    rows[0]["mac_fraction"] = rows[1]["mac_fraction"] = 1.0
+    rows += [row("dsc", "convert", 0, 0.900), row("dsc", "convert", 1, 0.904),  # 90.20 ± 0.20
+             row("cp3", "convert", 0, 0.880), row("cp3", "convert", 1, 0.890),  # 88.50 ± 0.50
+             row("dsc", "scratch", 0, 0.900), row("dsc", "scratch", 1, 0.910),  # 90.50 ± 0.50
+             row("cp3", "scratch", 0, 0.899), row("cp3", "scratch", 1, 0.905)]  # 90.20 ± 0.30
+    md = avf.to_markdown(rows)
+    assert "| dsc | 0.25 | 100 | 0.250 | 50.00 ± 0.00 | 90.20 ± 0.20 | 90.50 ± 0.50 |" in md
+    assert ("converted + fine-tuned: **dsc** wins with 90.20%, 1.70 points ahead of cp3 "
+            "(baseline 92.00); more than the seed-to-seed spread (± 0.50)") in md
+    assert ("from scratch: **dsc** wins with 90.50%, 0.30 points ahead of cp3 (baseline "
+            "92.00); no more than the seed-to-seed spread (± 0.50)") in md
+    one_seed = [r for r in rows if r["seed"] == 0]
+    md = avf.to_markdown(one_seed)
+    assert "| 90.00 (1 seed) |" in md and "one seed only" in md
