@@ -159,12 +159,41 @@ def run_chain(
     """Runs the chain on an NHWC batch, one conv per stage."""
     strides, dilation = pair(strides, "strides"), pair(dilation, "dilation")
     pads = normalize_padding(padding, x.shape[1:3], _chain_extent(stages), strides, dilation)
+    inputs_major: set[int] = set()
     if ops.current_implementation() == "fast":
         stages, factors = _merge_separable_depthwise(stages, factors)
-    for st, kernel in zip(stages, factors, strict=True):
+        factors, inputs_major = _permute_for_inputs_major(stages, factors)
+    for k, (st, kernel) in enumerate(zip(stages, factors, strict=True)):
         s, p, d = _stage_geometry(st, strides, pads, dilation)
-        x = ops.conv(x, kernel, groups=st.groups, strides=s, padding=p, dilation=d)
+        if k in inputs_major:
+            x = ops.grouped_inputs_major(x, kernel, st.groups, s, p, d)
+        else:
+            x = ops.conv(x, kernel, groups=st.groups, strides=s, padding=p, dilation=d)
     return x
+
+
+def _permute_for_inputs_major(
+    stages: Sequence[Stage], factors: Sequence[jax.Array]
+) -> tuple[list[jax.Array], set[int]]:
+    """A 1×1 stage followed by a grouped stage with ``I > 1`` inputs and one output per group
+    (BSConv's ``r → 1``): the 1×1 kernel's output columns reordered from lax's ``g·I + i`` to
+    ``i·G + g``, so the grouped stage reads each input slice contiguously
+    (:func:`ops.grouped_inputs_major`) instead of transposing the activations. Returns the new
+    factors and the indices of the grouped stages to run input-major."""
+    factors = list(factors)
+    marked = set()
+    for k in range(1, len(stages)):
+        a, b = stages[k - 1], stages[k]
+        kh, kw, cin_g, cout = b.shape
+        if (
+            a.shape[:2] == (1, 1) and a.groups == 1 and cin_g > 1 and cout == b.groups
+            and a.shape[3] == cin_g * b.groups
+            and ops.fast_kind(a.shape[3], b.shape, b.groups) == "shift"
+        ):
+            perm = jnp.arange(a.shape[3]).reshape(b.groups, cin_g).T.reshape(-1)
+            factors[k - 1] = factors[k - 1][..., perm]
+            marked.add(k)
+    return factors, marked
 
 
 def _merge_separable_depthwise(

@@ -197,20 +197,41 @@ def shifted(
 
     Both become depthwise convs (:func:`_depthwise`, ``(B, H, W, G)`` × ``(kh, kw, G)``):
     with a multiplier ``m`` the input is repeated ``m`` times; with ``I`` inputs per group and
-    one output the result is a sum of ``I`` depthwise convs.
+    one output the result is a sum of ``I`` depthwise convs (:func:`grouped_inputs_major`).
     """
     b, h, w, c = x.shape
     kh, kw, cin_g, cout = kernel.shape
-    geometry = (strides, padding, dilation)
     if cin_g == 1:
         mult = cout // groups
         if mult > 1:  # lax's group c owns outputs c·m … c·m+m−1, all reading input c
             x = jnp.repeat(x, mult, axis=-1)
-        return _depthwise(x, kernel[:, :, 0, :], *geometry)
-    # cout_g == 1: group g reads inputs g·I … g·I+I−1; (B, H, W, I, G) makes each I-slice a
-    # contiguous depthwise input.
-    xt = x.reshape(b, h, w, groups, cin_g).transpose(0, 1, 2, 4, 3)
-    terms = [_depthwise(xt[:, :, :, i, :], kernel[:, :, i, :], *geometry) for i in range(cin_g)]
+        return _depthwise(x, kernel[:, :, 0, :], strides, padding, dilation)
+    # cout_g == 1: group g reads inputs g·I … g·I+I−1; reorder the channels input-major
+    xt = x.reshape(b, h, w, groups, cin_g).transpose(0, 1, 2, 4, 3).reshape(b, h, w, c)
+    return grouped_inputs_major(xt, kernel, groups, strides, padding, dilation)
+
+
+def grouped_inputs_major(
+    x: jax.Array,
+    kernel: jax.Array,
+    groups: int,
+    strides: Pair,
+    padding: Pads,
+    dilation: Pair,
+) -> jax.Array:
+    """A grouped conv with ``I`` inputs and one output per group, ``kernel`` ``(kh, kw, I, G)``
+    as lax has it, but with ``x``'s channels ordered input-major: input ``i`` of group ``g`` at
+    channel ``i·G + g`` (lax: ``g·I + i``). Each input slice is then a contiguous depthwise
+    input and the conv is a sum of ``I`` depthwise convs. ``run_chain`` feeds BSConv's grouped
+    stage this way by permuting the preceding 1×1 stage's output columns, which saves the
+    transpose of the activations (forward and backward).
+    """
+    cin_g = kernel.shape[2]
+    terms = [
+        _depthwise(x[..., i * groups : (i + 1) * groups], kernel[:, :, i, :], strides, padding,
+                   dilation)
+        for i in range(cin_g)
+    ]
     return functools.reduce(jnp.add, terms)
 
 
