@@ -183,7 +183,7 @@ def markdown_table(rows: list[dict]) -> str:
     order = {f: i for i, f in enumerate(("cp4", "cp3", "tucker2"))}
     kinds = {k: i for i, k in enumerate(("random", "planted", "trained"))}
     rows = sorted(rows, key=lambda r: (r["kind"] == "trained", tuple(r["shape"]),
-                                       order.get(r["family"], 9), str(r["rank"]),
+                                       order.get(r["family"], 9), tuple(np.atleast_1d(r["rank"])),
                                        kinds.get(r["kind"], 9)))
     for r in rows:
         rank = tuple(r["rank"]) if isinstance(r["rank"], list) else r["rank"]
