@@ -16,12 +16,12 @@ checkpoint, e.g. the Fashion-MNIST CNN's ``conv4``), a trained kernel.
 
 Command (the README's table):
 
-    python experiments/bench_decompose.py --json bench_decompose.json \
+    python experiments/bench_decompose.py --json results/benchmarks/bench_decompose.json \
         --checkpoint results/fashion_mnist/runs/baseline-seed0/checkpoint --layer conv4
     python experiments/bench_decompose.py --resnet18
 
-Expected runtime on 2 CPU cores: one to two hours for the full table, almost all of it
-tensorly's cp4 and cp3 on (256,256,3,3) and (512,512,3,3) (2–7 minutes per kernel); under a
+Expected runtime on 2 quiet CPU cores: about an hour for the full table, almost all of it
+tensorly's (its cp4 on (512,512,3,3) at rank 256 takes 7.5 minutes per kernel); under a
 minute for ``--resnet18``; ~20 s for ``--quick`` (one small shape, used by the tests). The JSON
 is rewritten after every row and a rerun with the same ``--json`` measures only the missing
 rows, so the table can be built in pieces (e.g. ``--families tucker2`` on a quiet machine: its
