@@ -222,17 +222,12 @@ def grouped_inputs_major(
     """A grouped conv with ``I`` inputs and one output per group, ``kernel`` ``(kh, kw, I, G)``
     as lax has it, but with ``x``'s channels ordered input-major: input ``i`` of group ``g`` at
     channel ``i·G + g`` (lax: ``g·I + i``). Each input slice is then a contiguous depthwise
-    input and the conv is a sum of ``I`` depthwise convs. ``run_chain`` feeds BSConv's grouped
+    input and the conv is a sum of ``I`` depthwise convs, computed in one pass
+    (:func:`_depthwise_sum`). ``run_chain`` feeds BSConv's grouped
     stage this way by permuting the preceding 1×1 stage's output columns, which saves the
     transpose of the activations (forward and backward).
     """
-    cin_g = kernel.shape[2]
-    terms = [
-        _depthwise(x[..., i * groups : (i + 1) * groups], kernel[:, :, i, :], strides, padding,
-                   dilation)
-        for i in range(cin_g)
-    ]
-    return functools.reduce(jnp.add, terms)
+    return _depthwise_sum(x, kernel, strides, padding, dilation)
 
 
 def _out_len(n: int, k: int, s: int, pad: tuple[int, int], d: int) -> int:
@@ -419,3 +414,59 @@ def _shift_conv_bwd(strides, padding, dilation, res, g):
 
 
 _depthwise.defvjp(_shift_conv_fwd, _shift_conv_bwd)
+
+
+def _channel_slices(x: jax.Array, n: int) -> list[jax.Array]:
+    """The ``n`` equal slices of the channel axis (input-major: slice ``i`` is input ``i``)."""
+    g = x.shape[-1] // n
+    return [x[..., i * g : (i + 1) * g] for i in range(n)]
+
+
+def _depthwise_sum_forward_all(x, kernel, strides, padding, dilation):
+    """``Σ_i depthwise(slice_i(x), kernel[:, :, i])`` as one fused sum of shifted products."""
+    n_in = kernel.shape[2]
+    return functools.reduce(jnp.add, [
+        _shift_forward_all(xs, kernel[:, :, i], strides, padding, dilation)
+        for i, xs in enumerate(_channel_slices(x, n_in))
+    ])
+
+
+def _depthwise_sum_forward(x, kernel, strides, padding, dilation):
+    return _chunked_map(
+        lambda x: _depthwise_sum_forward_all(x, kernel, strides, padding, dilation), x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _depthwise_sum(x, kernel, strides, padding, dilation):
+    """``(B, H, W, I·G)`` (input-major) × ``(kh, kw, I, G)`` → ``(B, OH, OW, G)``: a sum of ``I``
+    depthwise convs in one pass, whose input gradient is written as one array (separate
+    depthwise convs wrote ``I`` outputs and, backwards, ``I`` zero-padded input gradients)."""
+    return _depthwise_sum_forward(x, kernel, strides, padding, dilation)
+
+
+def _depthwise_sum_fwd(x, kernel, strides, padding, dilation):
+    return _depthwise_sum_forward(x, kernel, strides, padding, dilation), (x, kernel)
+
+
+def _depthwise_sum_bwd(strides, padding, dilation, res, g):
+    x, kernel = res
+    n_in, in_hw = kernel.shape[2], x.shape[1:3]
+
+    def grad_input(g):
+        return jnp.concatenate([
+            _shift_grad_input_all(g, kernel[:, :, i], in_hw, strides, padding, dilation)
+            for i in range(n_in)
+        ], axis=-1)
+
+    def grad_kernel(x, g):
+        return jnp.stack([
+            _shift_grad_kernel_all(xs, g, kernel.shape[:2], strides, padding, dilation)
+            for xs in _channel_slices(x, n_in)
+        ], axis=2)
+
+    dk = _chunked_sum(grad_kernel, x, g, chunk_bytes=_GRAD_KERNEL_CHUNK_BYTES)
+    dx = _chunked_map(grad_input, g)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_depthwise_sum.defvjp(_depthwise_sum_fwd, _depthwise_sum_bwd)
