@@ -341,6 +341,10 @@ def verdict(summary: list[dict]) -> str:
                 spread = 100 * max(_half_range(v1), _half_range(v2))
                 note = (f"{'more' if 100 * (a1 - a2) > spread else 'no more'} than the "
                         f"seed-to-seed spread (± {spread:.2f})")
+            if round(100 * (a1 - a2), 2) == 0:
+                out.append(f"- At ≤ {fraction:g} of the MACs, {label}: **{f1}** and **{f2}** tie "
+                           f"at {100 * a1:.2f}%{gap}.")
+                continue
             out.append(f"- At ≤ {fraction:g} of the MACs, {label}: **{f1}** wins with "
                        f"{100 * a1:.2f}%, {100 * (a1 - a2):.2f} points ahead of {f2}{gap}; "
                        f"{note}.")

@@ -149,6 +149,9 @@ def test_verdict_weighs_the_lead_against_the_seed_spread():
             "(baseline 92.00); more than the seed-to-seed spread (± 0.50)") in md
     assert ("from scratch: **dsc** wins with 90.50%, 0.30 points ahead of cp3 (baseline "
             "92.00); no more than the seed-to-seed spread (± 0.50)") in md
+    tie = [r for r in rows if r["kind"] != "scratch"]
+    tie[-1] = {**tie[-1], "accuracy": 0.924}  # cp3 after fine-tuning: 88.00, 92.40 -> 90.20
+    assert "**dsc** and **cp3** tie at 90.20%" in avf.to_markdown(tie)
     one_seed = [r for r in rows if r["seed"] == 0]
     md = avf.to_markdown(one_seed)
     assert "| 90.00 (1 seed) |" in md and "one seed only" in md
