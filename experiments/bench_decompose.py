@@ -98,9 +98,9 @@ def rel_error(w: np.ndarray, approx: np.ndarray) -> float:
     return float(np.linalg.norm(w - approx) / np.linalg.norm(w))
 
 
-def run_factorize(w, family, rank, n_iter, init):
-    f = factorize.decompose(w, family, rank, n_iter=n_iter, tol=None,
-                            **({} if family == "tucker2" else {"init": init}))
+def run_factorize(w, family, rank, n_iter, init, line_search=False):
+    options = {} if family == "tucker2" else {"init": init, "line_search": line_search}
+    f = factorize.decompose(w, family, rank, n_iter=n_iter, tol=None, **options)
     jax.block_until_ready(f.factors)
     return f
 
@@ -140,16 +140,18 @@ def timed(fn: Callable, repeats: int):
     return out, first, (statistics.median(times) if times else first)
 
 
-def row_key(family: str, shape, rank, kind: str, n_iter: int, init: str) -> tuple:
+def row_key(family: str, shape, rank, kind: str, n_iter: int, init: str,
+            line_search: bool = False) -> tuple:
     """What identifies a measurement: a rerun with the same ``--json`` skips rows it holds."""
     rank = tuple(rank) if isinstance(rank, (list, tuple)) else rank
-    return family, tuple(shape), rank, kind, n_iter, init
+    return family, tuple(shape), rank, kind, n_iter, init, line_search and family != "tucker2"
 
 
 def bench_row(w, kind, family, rank, shape, args) -> dict:
     load_before = os.getloadavg()[0]
     f, fz_first, fz_time = timed(
-        lambda: run_factorize(w, family, rank, args.n_iter, args.init), args.repeats)
+        lambda: run_factorize(w, family, rank, args.n_iter, args.init, args.line_search),
+        args.repeats)
     fz_err = rel_error(w, np.asarray(f.to_kernel(), np.float64))
     approx, tl_first, tl_time = timed(
         lambda: run_tensorly(w, family, rank, args.n_iter, args.init), args.tl_repeats)
@@ -157,6 +159,7 @@ def bench_row(w, kind, family, rank, shape, args) -> dict:
     row = {
         "family": family, "shape": list(shape), "rank": list(rank) if isinstance(rank, tuple)
         else rank, "kind": kind, "n_iter": args.n_iter, "init": args.init,
+        "line_search": args.line_search and family != "tucker2",
         "fz_first_s": fz_first, "fz_time_s": fz_time, "tl_first_s": tl_first,
         "tl_time_s": tl_time, "fz_rel_error": fz_err, "tl_rel_error": tl_err,
         "speedup": tl_time / fz_time,
@@ -187,8 +190,10 @@ def markdown_table(rows: list[dict]) -> str:
                                        kinds.get(r["kind"], 9)))
     for r in rows:
         rank = tuple(r["rank"]) if isinstance(r["rank"], list) else r["rank"]
+        family = r["family"] + (" + line search" if r.get("line_search") else "")
         lines.append(
-            f"| {tuple(r['shape'])} | {r['family']} | {rank} | {r['kind']} "
+            f"| {tuple(r['shape'])} | {family} "
+            f"| {rank} | {r['kind']} "
             f"| {r['fz_time_s']:.2f} | {r['tl_time_s']:.1f} | {r['speedup']:.0f}× "
             f"| {r['fz_rel_error']:.4f} | {r['tl_rel_error']:.4f} | {r['error_ratio']:.3f} |")
     return "\n".join(lines)
@@ -236,6 +241,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--layer", default="conv4", help="the conv of --checkpoint (default conv4)")
     p.add_argument("--n-iter", type=int, default=100)
     p.add_argument("--init", default="svd", choices=("svd", "random"))
+    p.add_argument("--line-search", action="store_true",
+                   help="factorize's cp with Bro's line search (tensorly's side unchanged)")
     p.add_argument("--repeats", type=int, default=3, help="factorize steady-state calls")
     p.add_argument("--tl-repeats", type=int, default=1,
                    help="tensorly steady-state calls (0: time the one first call; tensorly has no "
@@ -268,11 +275,12 @@ def main(argv=None) -> list[dict]:
             rows = json.load(fh)
         if not isinstance(rows, list):
             p.error(f"--json {args.json} holds {type(rows).__name__}, not a list of rows")
-    done = {row_key(r["family"], r["shape"], r["rank"], r["kind"], r["n_iter"], r["init"])
+    done = {row_key(r["family"], r["shape"], r["rank"], r["kind"], r["n_iter"], r["init"],
+                    r.get("line_search", False))
             for r in rows}
 
     def measure(make_kernel_, kind, family, rank, shape):
-        if row_key(family, shape, rank, kind, args.n_iter, args.init) in done:
+        if row_key(family, shape, rank, kind, args.n_iter, args.init, args.line_search) in done:
             return
         rows.append(bench_row(make_kernel_(), kind, family, rank, shape, args))
         if args.json:
