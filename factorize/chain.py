@@ -166,7 +166,7 @@ def run_chain(
     for k, (st, kernel) in enumerate(zip(stages, factors, strict=True)):
         s, p, d = _stage_geometry(st, strides, pads, dilation)
         if k in inputs_major:
-            x = ops.grouped_inputs_major(x, kernel, st.groups, s, p, d)
+            x = ops.grouped_inputs_major(x, kernel, s, p, d)
         else:
             x = ops.conv(x, kernel, groups=st.groups, strides=s, padding=p, dilation=d)
     return x

@@ -208,26 +208,7 @@ def shifted(
         return _depthwise(x, kernel[:, :, 0, :], strides, padding, dilation)
     # cout_g == 1: group g reads inputs g·I … g·I+I−1; reorder the channels input-major
     xt = x.reshape(b, h, w, groups, cin_g).transpose(0, 1, 2, 4, 3).reshape(b, h, w, c)
-    return grouped_inputs_major(xt, kernel, groups, strides, padding, dilation)
-
-
-def grouped_inputs_major(
-    x: jax.Array,
-    kernel: jax.Array,
-    groups: int,
-    strides: Pair,
-    padding: Pads,
-    dilation: Pair,
-) -> jax.Array:
-    """A grouped conv with ``I`` inputs and one output per group, ``kernel`` ``(kh, kw, I, G)``
-    as lax has it, but with ``x``'s channels ordered input-major: input ``i`` of group ``g`` at
-    channel ``i·G + g`` (lax: ``g·I + i``). Each input slice is then a contiguous depthwise
-    input and the conv is a sum of ``I`` depthwise convs, computed in one pass
-    (:func:`_depthwise_sum`). ``run_chain`` feeds BSConv's grouped
-    stage this way by permuting the preceding 1×1 stage's output columns, which saves the
-    transpose of the activations (forward and backward).
-    """
-    return _depthwise_sum(x, kernel, strides, padding, dilation)
+    return grouped_inputs_major(xt, kernel, strides, padding, dilation)
 
 
 def _out_len(n: int, k: int, s: int, pad: tuple[int, int], d: int) -> int:
@@ -437,10 +418,19 @@ def _depthwise_sum_forward(x, kernel, strides, padding, dilation):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _depthwise_sum(x, kernel, strides, padding, dilation):
-    """``(B, H, W, I·G)`` (input-major) × ``(kh, kw, I, G)`` → ``(B, OH, OW, G)``: a sum of ``I``
-    depthwise convs in one pass, whose input gradient is written as one array (separate
-    depthwise convs wrote ``I`` outputs and, backwards, ``I`` zero-padded input gradients)."""
+def grouped_inputs_major(
+    x: jax.Array, kernel: jax.Array, strides: Pair, padding: Pads, dilation: Pair
+) -> jax.Array:
+    """A grouped conv with ``I`` inputs and one output per group, ``kernel`` ``(kh, kw, I, G)``
+    as lax has it, but with ``x``'s channels ordered input-major: input ``i`` of group ``g`` at
+    channel ``i·G + g`` (lax: ``g·I + i``), so ``(B, H, W, I·G)`` → ``(B, OH, OW, G)``.
+
+    Each input slice is then a contiguous depthwise input; the conv is a sum of ``I`` depthwise
+    convs computed in one pass, whose input gradient is written as one array (separate
+    depthwise convs wrote ``I`` outputs and, backwards, ``I`` zero-padded input gradients).
+    ``run_chain`` feeds BSConv's grouped stage this way by permuting the preceding 1×1 stage's
+    output columns, which saves the transpose of the activations (forward and backward).
+    """
     return _depthwise_sum_forward(x, kernel, strides, padding, dilation)
 
 
@@ -469,4 +459,4 @@ def _depthwise_sum_bwd(strides, padding, dilation, res, g):
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-_depthwise_sum.defvjp(_depthwise_sum_fwd, _depthwise_sum_bwd)
+grouped_inputs_major.defvjp(_depthwise_sum_fwd, _depthwise_sum_bwd)

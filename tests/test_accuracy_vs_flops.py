@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from experiment_scripts import load
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "accuracy_vs_flops.py"
@@ -117,20 +118,10 @@ def test_rebuild_without_results_names_the_file(tmp_path):
     assert "results.jsonl has no results" in res.stderr
 
 
-def _load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("accuracy_vs_flops", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["accuracy_vs_flops"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_verdict_weighs_the_lead_against_the_seed_spread():
     """Hand-made rows: the verdict names the winner and says whether its lead is more than the
     seed-to-seed spread (half-range), or that one seed gives no spread at all."""
-    avf = _load_script()
+    avf = load("accuracy_vs_flops")
 
     def row(family, kind, seed, acc):
         return dict(family=family, kind=kind, seed=seed, accuracy=acc, mac_fraction=0.25,

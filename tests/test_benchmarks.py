@@ -3,28 +3,15 @@ hold values in range (timings are not checked: speed is measured by the benchmar
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from experiment_scripts import load
 
 
 def test_bench_decompose_quick(tmp_path, capsys):
     out = tmp_path / "bd.json"
-    rows = _load("bench_decompose").main(["--quick", "--json", str(out)])
+    rows = load("bench_decompose").main(["--quick", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
     assert {(r["family"], r["kind"]) for r in rows} == {
         (f, k) for f in ("cp4", "cp3", "tucker2") for k in ("random", "planted")}
@@ -37,17 +24,17 @@ def test_bench_decompose_quick(tmp_path, capsys):
         assert r["error_ratio"] <= 1.01, r
     table = capsys.readouterr().out
     assert "| (32, 24, 3, 3) | cp4 | 8 | planted |" in table
-    _load("bench_decompose").main(["--render", str(out)])  # rebuilt from the JSON alone
+    load("bench_decompose").main(["--render", str(out)])  # rebuilt from the JSON alone
     rendered = capsys.readouterr().out.strip()
     assert rendered.startswith("| shape") and table.rstrip().endswith(rendered)
     # a rerun with the same --json keeps every measured row and measures nothing again
-    again = _load("bench_decompose").main(["--quick", "--json", str(out), "--families", "cp3"])
+    again = load("bench_decompose").main(["--quick", "--json", str(out), "--families", "cp3"])
     assert again == json.loads(out.read_text()) == json.loads(json.dumps(rows))
 
 
 def test_bench_latency_quick(tmp_path):
     out = tmp_path / "bl.json"
-    _load("bench_latency").main(["--quick", "--configs", "default", "--families", "dsc", "cp3",
+    load("bench_latency").main(["--quick", "--configs", "default", "--families", "dsc", "cp3",
                                  "--json", str(out)])
     rows = json.loads(out.read_text())
     assert {(r["family"], r["target"]) for r in rows} == {

@@ -4,27 +4,15 @@ outputs, checked against independent references (numpy SVD, hand formulas)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from experiment_scripts import load
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _records(path: Path) -> list[dict]:
@@ -48,12 +36,12 @@ def _assert_png(path: Path) -> None:
 @pytest.fixture(scope="module")
 def sep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sep")
-    _load("separability").main(["--quick", "--out", str(out)])
+    load("separability").main(["--quick", "--out", str(out)])
     return out
 
 
 def test_effective_and_stable_rank_by_hand():
-    m = _load("separability")
+    m = load("separability")
     assert m.effective_rank(np.ones(4)) == pytest.approx(4.0)
     assert m.effective_rank(np.array([3.0, 0.0, 0.0])) == pytest.approx(1.0)
     assert m.stable_rank(np.array([2.0, 1.0])) == pytest.approx(5 / 4)
@@ -193,7 +181,7 @@ def test_bsconv_verdict_follows_the_table(sep):
 
 
 def test_rerun_does_no_work_and_rebuild_rerenders(sep):
-    m = _load("separability")
+    m = load("separability")
     before = _records(sep / "separability.jsonl")
     md = (sep / "separability.md").read_text()
     m.main(["--quick", "--out", str(sep)])
@@ -215,7 +203,7 @@ def test_rerun_does_no_work_and_rebuild_rerenders(sep):
 @pytest.fixture(scope="module")
 def cost(tmp_path_factory):
     out = tmp_path_factory.mktemp("cost")
-    _load("cost_model").main(["--quick", "--out", str(out)])
+    load("cost_model").main(["--quick", "--out", str(out)])
     return out
 
 
@@ -230,7 +218,7 @@ def test_seed_example_numbers(cost):
 
 def test_mobilenet_ratio_is_the_formula(cost):
     rows = [r for r in _records(cost / "cost_model.jsonl") if r["type"] == "mobilenet"]
-    m = _load("cost_model")
+    m = load("cost_model")
     assert {(r["k"], r["n"]) for r in rows} == {(k, n) for k in m.KS for n in m.NS}
     for r in rows:
         assert r["library"] == pytest.approx(1 / r["n"] + 1 / r["k"] ** 2, rel=1e-12)
@@ -254,7 +242,7 @@ def test_speed_rows(cost):
 
 
 def test_cost_rerun_and_from_json(cost, tmp_path):
-    m = _load("cost_model")
+    m = load("cost_model")
     n_speed = sum(r["type"] == "speed" for r in _records(cost / "cost_model.jsonl"))
     m.main(["--quick", "--out", str(cost)])  # recorded already: no re-measurement
     assert sum(r["type"] == "speed" for r in _records(cost / "cost_model.jsonl")) == n_speed
@@ -276,7 +264,7 @@ def test_cost_rerun_and_from_json(cost, tmp_path):
 def test_help_has_command_and_runtime(capsys):
     for name in ("separability", "cost_model"):
         with pytest.raises(SystemExit) as e:
-            _load(name).main(["--help"])
+            load(name).main(["--help"])
         assert e.value.code == 0
         text = capsys.readouterr().out
         assert f"python3 experiments/{name}.py --out results/{name}" in text
