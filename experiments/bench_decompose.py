@@ -98,7 +98,7 @@ def rel_error(w: np.ndarray, approx: np.ndarray) -> float:
     return float(np.linalg.norm(w - approx) / np.linalg.norm(w))
 
 
-def run_factorize(w, family, rank, n_iter, init, line_search=False):
+def run_factorize(w, family, rank, n_iter, init, line_search=True):
     options = {} if family == "tucker2" else {"init": init, "line_search": line_search}
     f = factorize.decompose(w, family, rank, n_iter=n_iter, tol=None, **options)
     jax.block_until_ready(f.factors)
@@ -190,7 +190,8 @@ def markdown_table(rows: list[dict]) -> str:
                                        kinds.get(r["kind"], 9)))
     for r in rows:
         rank = tuple(r["rank"]) if isinstance(r["rank"], list) else r["rank"]
-        family = r["family"] + (" + line search" if r.get("line_search") else "")
+        plain = r["family"] != "tucker2" and not r.get("line_search", False)
+        family = r["family"] + (" (plain ALS)" if plain else "")  # no line search
         lines.append(
             f"| {tuple(r['shape'])} | {family} "
             f"| {rank} | {r['kind']} "
@@ -241,8 +242,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--layer", default="conv4", help="the conv of --checkpoint (default conv4)")
     p.add_argument("--n-iter", type=int, default=100)
     p.add_argument("--init", default="svd", choices=("svd", "random"))
-    p.add_argument("--line-search", action="store_true",
-                   help="factorize's cp with Bro's line search (tensorly's side unchanged)")
+    p.add_argument("--line-search", action=argparse.BooleanOptionalAction, default=True,
+                   help="factorize's cp with Bro's line search, its default (tensorly's side "
+                   "unchanged; --no-line-search: plain ALS)")
     p.add_argument("--repeats", type=int, default=3, help="factorize steady-state calls")
     p.add_argument("--tl-repeats", type=int, default=1,
                    help="tensorly steady-state calls (0: time the one first call; tensorly has no "

@@ -155,9 +155,11 @@ def test_budget_seed_tol_and_l2_reg_do_not_recompile():
     factorize.decompose(w, "tucker2", (3, 4), n_iter=3)
     cp_programs, tucker_programs = _cp_fit._cache_size(), _tucker_fit._cache_size()
     for n_iter in (1, 7, 128):
-        _, info = factorize.decompose(w, "cp4", 4, n_iter=n_iter, seed=n_iter, tol=1e-9,
+        _, info = factorize.decompose(w, "cp4", 4, n_iter=n_iter, seed=n_iter, tol=None,
                                       l2_reg=1e-5, return_info=True)
         assert info["n_iter"] == n_iter and len(info["errors"]) == n_iter
+        _, info = factorize.decompose(w, "cp4", 4, n_iter=n_iter, tol=1e-9, return_info=True)
+        assert 1 <= info["n_iter"] <= n_iter and len(info["errors"]) == info["n_iter"]
         _, info = factorize.decompose(w, "tucker2", (3, 4), n_iter=n_iter, tol=None,
                                       return_info=True)
         assert info["n_iter"] == n_iter
@@ -254,17 +256,19 @@ def test_spd_inverse_matches_numpy(n):
 
 @pytest.mark.parametrize("family", ["cp4", "cp3"])
 def test_line_search_never_worse_and_monotone(family):
-    """Bro's line search (``line_search=True``) keeps an extrapolated point only when it fits
-    better: the error history still never rises, and at the same budget the final error is at
-    most plain ALS's and within 1 % of tensorly's (a random kernel at R = 12: slow ALS)."""
+    """Bro's line search (the default) keeps an extrapolated point only when it fits better:
+    the error history still never rises; the error it reports per sweep (from the carried
+    ``W·u``, no product with ``W``) matches the exact final error; at the same budget the final
+    error is below plain ALS's (``line_search=False``) and within 1 % of tensorly's (a random
+    kernel at R = 12: slow ALS, where the steps are taken)."""
     w = np.random.default_rng(11).standard_normal(S1).astype(np.float32)
     rank, n_iter = 12, 30
-    plain = factorize.decompose(w, family, rank, n_iter=n_iter)
-    ls, info = factorize.decompose(w, family, rank, n_iter=n_iter, line_search=True,
-                                   return_info=True)
+    plain = factorize.decompose(w, family, rank, n_iter=n_iter, line_search=False)
+    ls, info = factorize.decompose(w, family, rank, n_iter=n_iter, return_info=True)
     assert np.all(np.diff(info["errors"]) <= 1e-4)
+    assert abs(info["errors"][-1] - info["rel_error"]) < 1e-3
     ours, base = rel(w, ls.to_kernel()), rel(w, plain.to_kernel())
-    assert ours <= base * 1.001, (ours, base)
+    assert ours < base, (ours, base)
     assert ours <= tensorly_error(w, family, rank, n_iter, "svd", seed=0) * 1.01
     with pytest.raises(ValueError, match="line_search must be a bool"):
         factorize.decompose(w, family, rank, line_search="yes")
