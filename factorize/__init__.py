@@ -14,6 +14,7 @@ from factorize.decompositions.tensorly_interop import from_tensorly, to_tensorly
 from factorize.factorized import (
     Factorized,
     decompose,
+    decompose_many,
     from_factors,
     random_factorized,
     relative_error,
@@ -31,6 +32,7 @@ __all__ = [
     "conv_macs",
     "count_macs",
     "decompose",
+    "decompose_many",
     "evbmf",
     "from_factors",
     "from_tensorly",

@@ -272,3 +272,26 @@ def test_line_search_never_worse_and_monotone(family):
     assert ours <= tensorly_error(w, family, rank, n_iter, "svd", seed=0) * 1.01
     with pytest.raises(ValueError, match="line_search must be a bool"):
         factorize.decompose(w, family, rank, line_search="yes")
+
+
+def test_decompose_many_matches_decompose_in_order():
+    """Kernels of three shapes (one repeated) on two threads: the same factors as one
+    ``decompose`` call per kernel, in input order; bad kernels and workers are named."""
+    rng = np.random.default_rng(12)
+    kernels = [rng.standard_normal((3, 3, c, n)).astype(np.float32)
+               for c, n in ((8, 10), (6, 6), (8, 10), (4, 12))]
+    many = factorize.decompose_many(kernels, "cp4", 5, n_iter=20, workers=2)
+    for k, f in zip(kernels, many, strict=True):
+        one = factorize.decompose(k, "cp4", 5, n_iter=20)
+        assert f.kernel_shape == one.kernel_shape
+        for a, b in zip(f.factors, one.factors, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    oihw = [k.transpose(3, 2, 0, 1) for k in kernels[:2]]
+    for a, b in zip(factorize.decompose_many(oihw, "dsc", 1, layout="OIHW", workers=1), many,
+                    strict=False):
+        assert a.kernel_shape == b.kernel_shape
+    bad = [kernels[0], np.full((3, 3, 2, 2), np.nan, np.float32)]
+    with pytest.raises(ValueError, match=r"kernels\[1\] must be finite"):
+        factorize.decompose_many(bad, "cp4", 2)
+    with pytest.raises(ValueError, match="workers must be an int >= 1, got 0"):
+        factorize.decompose_many(kernels, "cp4", 2, workers=0)
