@@ -20,12 +20,13 @@ Command (the README's table):
         --checkpoint results/fashion_mnist/runs/baseline-seed0/checkpoint --layer conv4
     python experiments/bench_decompose.py --resnet18
 
-Expected runtime on 2 quiet CPU cores: about an hour for the full table, almost all of it
-tensorly's (its cp4 on (512,512,3,3) at rank 256 takes 7.5 minutes per kernel); under a
-minute for ``--resnet18``; ~20 s for ``--quick`` (one small shape, used by the tests). The JSON
-is rewritten after every row and a rerun with the same ``--json`` measures only the missing
-rows, so the table can be built in pieces (e.g. ``--families tucker2`` on a quiet machine: its
-many small steps suffer most from other jobs, 1.2 s quiet vs 10–40 s at load average 5).
+Expected runtime on 2 quiet CPU cores: about an hour for the full table (35 minutes with
+``--tl-repeats 0``), almost all of it tensorly's (its cp4 on (512,512,3,3) at rank 256 takes
+7.5 minutes per kernel); 50–55 s for ``--resnet18``; ~20 s for ``--quick`` (one small
+shape, used by the tests). The JSON is rewritten after every row and a rerun with the same
+``--json`` measures only the missing rows, so the table can be built in pieces (e.g.
+``--families tucker2`` on a quiet machine: its many small steps suffer most from other jobs,
+1.2 s quiet vs 10–40 s at load average 5).
 """
 
 from __future__ import annotations

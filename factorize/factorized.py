@@ -158,8 +158,8 @@ def decompose_many(
     Kernels are grouped by shape; the groups run on ``workers`` threads, so one group's jit
     compilation (single-threaded, GIL released) overlaps another's ALS sweeps, and each
     shape compiles once. The 16 3×3 kernels of a ResNet-18 (7 shapes, cp4 at 0.25,
-    ``experiments/bench_decompose.py --resnet18``) took 119 s against 162 s one at a time
-    (2 cores, both runs under the same background load). ``workers=1`` runs sequentially.
+    ``experiments/bench_decompose.py --resnet18``) took 51.5 and 54.7 s against 63.8 s one at
+    a time on 2 quiet cores (3 and 4 workers: 60.6, 61.4 s). ``workers=1`` runs sequentially.
 
     Returns:
       The :class:`Factorized` values, in the order of ``kernels`` (identical to
