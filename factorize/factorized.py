@@ -179,13 +179,9 @@ def decompose_many(
 
     # largest kernels first: the longest groups start early and the short ones fill in
     order = sorted(groups.values(), key=lambda ix: -kernels[ix[0]].size * len(ix))
-    if workers == 1:
-        for ix in order:
-            run(ix)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for fut in [pool.submit(run, ix) for ix in order]:
-                fut.result()
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # one worker: in order, one at a time
+        for fut in [pool.submit(run, ix) for ix in order]:
+            fut.result()
     return out
 
 

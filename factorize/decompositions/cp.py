@@ -231,12 +231,16 @@ def _als(w, u, v, spatial, tol, l2_reg, n_iter, capacity, kh, kw, line_search=Fa
     w_kn_c = w.transpose(0, 2, 1).reshape(k * n, c)
     sq_norm = jnp.sum(w * w)
 
-    def fit_error(p, u, v, spatial):
-        """‖W − Ŵ‖ from ``p = (W as (k·N, C)) @ u`` and the factors: no product with ``W``."""
-        g = tree_sum(jnp.swapaxes(p * v, 0, 1))
-        kr = _khatri_rao(spatial)
-        fit_sq = jnp.sum((u.T @ u) * (v.T @ v) * (kr.T @ kr))
+    def model_error(g, uv_gram, kr):
+        """‖W − Ŵ‖ from ``g[k, r] = Σ_{c,n} W[k,c,n] U[c,r] V[n,r]``, ``(UᵀU)∘(VᵀV)`` and the
+        spatial Khatri–Rao product: ``‖W‖² − 2⟨W,Ŵ⟩ + ‖Ŵ‖²``."""
+        fit_sq = jnp.sum(uv_gram * (kr.T @ kr))
         return jnp.sqrt(jnp.maximum(sq_norm - 2 * jnp.sum(g * kr) + fit_sq, 0.0))
+
+    def fit_error(p, u, v, spatial):
+        """:func:`model_error` from ``p = (W as (k·N, C)) @ u``: no product with ``W``."""
+        g = tree_sum(jnp.swapaxes(p * v, 0, 1))
+        return model_error(g, (u.T @ u) * (v.T @ v), _khatri_rao(spatial))
 
     def extrapolate(i, new, previous, err):
         """Bro's line search (Bro 1998, "Multi-way analysis in the food industry", §4.6):
@@ -268,14 +272,13 @@ def _als(w, u, v, spatial, tol, l2_reg, n_iter, capacity, kh, kw, line_search=Fa
         g = tree_sum(jnp.swapaxes(p * v, 0, 1))
         uv_gram = (u.T @ u) * (v.T @ v)
         spatial = _spatial_update(g, spatial, uv_gram, l2_reg, kh, kw)
-        kr = _khatri_rao(spatial)
-        inner = jnp.sum(g * kr)
-        fit_sq = jnp.sum(uv_gram * (kr.T @ kr))
-        err = jnp.sqrt(jnp.maximum(sq_norm - 2 * inner + fit_sq, 0.0))
+        err = model_error(g, uv_gram, _khatri_rao(spatial))
         if line_search:
             (p, u, v, *spatial), err = extrapolate(i, [p, u, v, *spatial], previous, err)
         (u, v, *spatial), scales = _balance([u, v, *spatial])
-        return i + 1, p * scales[0], u, v, spatial, errors.at[i].set(err)
+        if line_search:  # keep p = W·u for the rescaled u (plain ALS never reads p back)
+            p = p * scales[0]
+        return i + 1, p, u, v, spatial, errors.at[i].set(err)
 
     def keep_going(carry):
         i, errors = carry[0], carry[-1]
