@@ -221,12 +221,59 @@ def _pad_hw(x: jax.Array, config: list[tuple[int, int, int]]) -> jax.Array:
     return lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *config, (0, 0, 0)])
 
 
-def _tap(xp: jax.Array, i: int, j: int, out_hw: Pair, strides: Pair, dilation: Pair) -> jax.Array:
-    """The input window that kernel tap (i, j) multiplies, for every output position."""
+def _tap(
+    xp: jax.Array, i: int, j: int, out_hw: Pair, strides: Pair, dilation: Pair, *, flat: bool
+) -> jax.Array:
+    """The input window that kernel tap (i, j) multiplies, for every output position.
+
+    ``flat`` and stride 1 along W: the window is a ``(B, OH, OW·C)`` slice of the padded input
+    viewed as ``(B, HP, WP·C)``; a tap's W offset is a shift by a multiple of C on one minor axis.
+    XLA:CPU runs fused sums of such slices 3.5–4× faster than of the 4-D ``(B, OH, OW, C)``
+    windows when several inputs are summed (BSConv's r → 1 stage, C = 128, 32×32: 63 → 17 ms;
+    a single depthwise conv: ~10 %). A strided W needs the 4-D window, and so does the kernel
+    gradient's sum of products (flat windows made it 5× slower at C = 256, 16×16).
+    """
+    b, _, wp, c = xp.shape
     (oh, ow), (sh, sw), (dh, dw) = out_hw, strides, dilation
+    if flat and sw == 1:
+        view = xp.reshape(b, xp.shape[1], wp * c)
+        start = (0, i * dh, j * dw * c)
+        return lax.slice(view, start, (b, i * dh + (oh - 1) * sh + 1, j * dw * c + ow * c),
+                         (1, sh, 1))
     start = (0, i * dh, j * dw, 0)
-    limit = (xp.shape[0], i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, xp.shape[3])
+    limit = (b, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c)
     return lax.slice(xp, start, limit, (1, sh, sw, 1))
+
+
+def _weights(v: jax.Array, window: jax.Array) -> jax.Array:
+    """A tap's per-channel weights ``(C,)`` laid out along ``window``'s minor axis."""
+    return v if window.ndim == 4 else jnp.tile(v, window.shape[-1] // v.shape[-1])
+
+
+def _unflatten(a: jax.Array, channels: int) -> jax.Array:
+    """A tap window or sum of them back to ``(B, OH, OW, C)``."""
+    return a if a.ndim == 4 else a.reshape(*a.shape[:2], -1, channels)
+
+
+def _tap_sum(xps, kernels, out_hw: Pair, strides: Pair, dilation: Pair) -> jax.Array:
+    """``Σ_n Σ_{i,j} window_n(i, j) · kernels[n][i, j]``, one fused sum of shifted products.
+
+    ``xps`` are padded ``(B, HP, WP, C)`` inputs, ``kernels`` the matching ``(kh, kw, C)``.
+    """
+    acc = None
+    for xp, kernel in zip(xps, kernels, strict=True):
+        for i in range(kernel.shape[0]):
+            for j in range(kernel.shape[1]):
+                window = _tap(xp, i, j, out_hw, strides, dilation, flat=True)
+                term = window * _weights(kernel[i, j], window)
+                acc = term if acc is None else acc + term
+    return _unflatten(acc, xps[0].shape[-1])
+
+
+def _out_hw(in_hw: Pair, kernel_hw: Pair, strides: Pair, padding: Pads, dilation: Pair) -> Pair:
+    return tuple(  # type: ignore[return-value]
+        _out_len(in_hw[a], kernel_hw[a], strides[a], padding[a], dilation[a]) for a in (0, 1)
+    )
 
 
 # Shifted multiply-adds are memory-bound: kh·kw passes over the input. Running them over a few
@@ -286,19 +333,9 @@ def _shift_forward(x, kernel, strides, padding, dilation):
 
 
 def _shift_forward_all(x, kernel, strides, padding, dilation):
-    _, h, w, _ = x.shape
-    kh, kw = kernel.shape[:2]
-    out_hw = (
-        _out_len(h, kh, strides[0], padding[0], dilation[0]),
-        _out_len(w, kw, strides[1], padding[1], dilation[1]),
-    )
+    out_hw = _out_hw(x.shape[1:3], kernel.shape[:2], strides, padding, dilation)
     xp = _pad_hw(x, [(*padding[0], 0), (*padding[1], 0)])
-    acc = None
-    for i in range(kh):
-        for j in range(kw):
-            term = _tap(xp, i, j, out_hw, strides, dilation) * kernel[i, j]
-            acc = term if acc is None else acc + term
-    return acc
+    return _tap_sum([xp], [kernel], out_hw, strides, dilation)
 
 
 # The kernel gradient reads two arrays per tap (window and cotangent): smaller chunks keep both in
@@ -341,7 +378,8 @@ def _shift_grad_kernel_all(x, g, kernel_hw, strides, padding, dilation):
     xp = _pad_hw(x, [(*padding[0], 0), (*padding[1], 0)])
 
     def tap_grad(i, j):
-        return tree_sum(_sum_of_products(_tap(xp, i, j, (oh, ow), strides, dilation), g))
+        window = _tap(xp, i, j, (oh, ow), strides, dilation, flat=False)
+        return tree_sum(_sum_of_products(window, g))
 
     rows = [[tap_grad(i, j) for j in range(kernel_hw[1])] for i in range(kernel_hw[0])]
     return jnp.stack([jnp.stack(r) for r in rows])
@@ -367,13 +405,7 @@ def _shift_grad_input_all(g, kernel, in_hw, strides, padding, dilation):
         high = n + lo - (o - 1) * s - 1
         config.append((low, high, s - 1))
     gp = _pad_hw(g, config)
-    flipped = kernel[::-1, ::-1]
-    acc = None
-    for i in range(kh):
-        for j in range(kw):
-            term = _tap(gp, i, j, in_hw, (1, 1), dilation) * flipped[i, j]
-            acc = term if acc is None else acc + term
-    return acc
+    return _tap_sum([gp], [kernel[::-1, ::-1]], in_hw, (1, 1), dilation)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -406,10 +438,9 @@ def _channel_slices(x: jax.Array, n: int) -> list[jax.Array]:
 def _depthwise_sum_forward_all(x, kernel, strides, padding, dilation):
     """``Σ_i depthwise(slice_i(x), kernel[:, :, i])`` as one fused sum of shifted products."""
     n_in = kernel.shape[2]
-    return functools.reduce(jnp.add, [
-        _shift_forward_all(xs, kernel[:, :, i], strides, padding, dilation)
-        for i, xs in enumerate(_channel_slices(x, n_in))
-    ])
+    out_hw = _out_hw(x.shape[1:3], kernel.shape[:2], strides, padding, dilation)
+    xps = [_pad_hw(xs, [(*padding[0], 0), (*padding[1], 0)]) for xs in _channel_slices(x, n_in)]
+    return _tap_sum(xps, [kernel[:, :, i] for i in range(n_in)], out_hw, strides, dilation)
 
 
 def _depthwise_sum_forward(x, kernel, strides, padding, dilation):
