@@ -159,41 +159,68 @@ def run_chain(
     """Runs the chain on an NHWC batch, one conv per stage."""
     strides, dilation = pair(strides, "strides"), pair(dilation, "dilation")
     pads = normalize_padding(padding, x.shape[1:3], _chain_extent(stages), strides, dilation)
-    inputs_major: set[int] = set()
+    layouts: dict[int, str] = {}
     if ops.current_implementation() == "fast":
         stages, factors = _merge_separable_depthwise(stages, factors)
-        factors, inputs_major = _permute_for_inputs_major(stages, factors)
+        factors, layouts = _channel_major_layouts(stages, factors)
     for k, (st, kernel) in enumerate(zip(stages, factors, strict=True)):
         s, p, d = _stage_geometry(st, strides, pads, dilation)
-        if k in inputs_major:
+        if layouts.get(k) == "inputs_major":
             x = ops.grouped_inputs_major(x, kernel, s, p, d)
+        elif layouts.get(k) == "multiplier_major":
+            x = ops.depthwise_multiplier_major(x, kernel, s, p, d)
         else:
             x = ops.conv(x, kernel, groups=st.groups, strides=s, padding=p, dilation=d)
     return x
 
 
-def _permute_for_inputs_major(
+def _channel_major_layouts(
     stages: Sequence[Stage], factors: Sequence[jax.Array]
-) -> tuple[list[jax.Array], set[int]]:
-    """A 1×1 stage followed by a grouped stage with ``I > 1`` inputs and one output per group
-    (BSConv's ``r → 1``): the 1×1 kernel's output columns reordered from lax's ``g·I + i`` to
-    ``i·G + g``, so the grouped stage reads each input slice contiguously
-    (:func:`ops.grouped_inputs_major`) instead of transposing the activations. Returns the new
-    factors and the indices of the grouped stages to run input-major."""
+) -> tuple[list[jax.Array], dict[int, str]]:
+    """Channel orders that spare the fast path a transpose of the activations, paid for by
+    permuting a neighbouring 1×1 kernel (a tiny array) instead:
+
+    * a 1×1 stage followed by a grouped stage with ``I > 1`` inputs and one output per group
+      (BSConv's ``r → 1``): the 1×1 kernel's output columns go from lax's ``g·I + i`` to
+      ``i·G + g``, so the grouped stage reads each input slice contiguously
+      (``"inputs_major"``, :func:`ops.grouped_inputs_major`);
+    * a depthwise stage with multiplier ``m > 1`` followed by a 1×1 stage (``dsc`` with rank
+      > 1): the depthwise kernel's columns and the 1×1 kernel's rows go from ``c·m + t`` to
+      ``t·C + c`` (``"multiplier_major"``, :func:`ops.depthwise_multiplier_major`).
+
+    Returns the new factors and the layout of each marked stage (by index)."""
     factors = list(factors)
-    marked = set()
+    layouts = {}
     for k in range(1, len(stages)):
         a, b = stages[k - 1], stages[k]
-        kh, kw, cin_g, cout = b.shape
+        if a.shape[:2] == (1, 1) and a.groups == 1 and a.shape[3] == b.in_channels:
+            kh, kw, cin_g, cout = b.shape
+            if (
+                cin_g > 1 and cout == b.groups
+                and ops.fast_kind(a.shape[3], b.shape, b.groups) == "shift"
+            ):
+                factors[k - 1] = transpose_channels(factors[k - 1], 3, b.groups, cin_g)
+                layouts[k] = "inputs_major"
         if (
-            a.shape[:2] == (1, 1) and a.groups == 1 and cin_g > 1 and cout == b.groups
-            and a.shape[3] == cin_g * b.groups
-            and ops.fast_kind(a.shape[3], b.shape, b.groups) == "shift"
+            a.kind == "depthwise" and a.shape[3] > a.groups and b.kind == "pointwise"
+            and ops.fast_kind(a.in_channels, a.shape, a.groups) == "shift"
+            and (k - 1) not in layouts
         ):
-            perm = jnp.arange(a.shape[3]).reshape(b.groups, cin_g).T.reshape(-1)
-            factors[k - 1] = factors[k - 1][..., perm]
-            marked.add(k)
-    return factors, marked
+            m = a.shape[3] // a.groups
+            factors[k - 1] = transpose_channels(factors[k - 1], 3, a.groups, m)
+            factors[k] = transpose_channels(factors[k], 2, a.groups, m)
+            layouts[k - 1] = "multiplier_major"
+    return factors, layouts
+
+
+def transpose_channels(a: jax.Array, axis: int, rows: int, cols: int) -> jax.Array:
+    """``a`` with axis ``axis`` (of length ``rows·cols``) reordered so that index ``j·rows + i``
+    holds what index ``i·cols + j`` held: a reshape and a transpose, which XLA keeps in the
+    kernel's own layout (a gather made XLA:CPU lay a permuted depthwise kernel out
+    channel-major, and reading it strided doubled dsc's time at C = 128, 16×16)."""
+    shape = a.shape
+    split = a.reshape(*shape[:axis], rows, cols, *shape[axis + 1:])
+    return jnp.swapaxes(split, axis, axis + 1).reshape(shape)
 
 
 def _merge_separable_depthwise(

@@ -386,26 +386,26 @@ def _shift_grad_kernel_all(x, g, kernel_hw, strides, padding, dilation):
 
 
 def _shift_grad_input(g, kernel, in_hw, strides, padding, dilation):
-    """dL/dx: the transposed conv, itself shifted multiply-adds with the flipped kernel.
-
-    ``g`` dilated by the stride (interior padding) and padded so that a stride-1 correlation with
-    the flipped kernel lands exactly on the input positions (negative pads crop).
-    """
+    """dL/dx: the transposed conv, itself shifted multiply-adds with the flipped kernel."""
     return _chunked_map(
-        lambda g: _shift_grad_input_all(g, kernel, in_hw, strides, padding, dilation), g
+        lambda g: _shift_grad_input_all([g], [kernel], in_hw, strides, padding, dilation), g
     )
 
 
-def _shift_grad_input_all(g, kernel, in_hw, strides, padding, dilation):
-    kh, kw = kernel.shape[:2]
+def _shift_grad_input_all(gs, kernels, in_hw, strides, padding, dilation):
+    """``Σ_n`` dL/dx of depthwise convs with ``kernels[n]`` whose cotangents are ``gs[n]``, in
+    one fused sum: each ``g`` dilated by the stride (interior padding) and padded so that a
+    stride-1 correlation with the flipped kernel lands exactly on the input positions (negative
+    pads crop)."""
+    kh, kw = kernels[0].shape[:2]
     config = []
     for a, k in ((0, kh), (1, kw)):
-        s, d, (lo, _), n, o = strides[a], dilation[a], padding[a], in_hw[a], g.shape[1 + a]
+        s, d, (lo, _), n, o = strides[a], dilation[a], padding[a], in_hw[a], gs[0].shape[1 + a]
         low = (k - 1) * d - lo
         high = n + lo - (o - 1) * s - 1
         config.append((low, high, s - 1))
-    gp = _pad_hw(g, config)
-    return _tap_sum([gp], [kernel[::-1, ::-1]], in_hw, (1, 1), dilation)
+    gps = [_pad_hw(g, config) for g in gs]
+    return _tap_sum(gps, [k[::-1, ::-1] for k in kernels], in_hw, (1, 1), dilation)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -475,7 +475,7 @@ def _depthwise_sum_bwd(strides, padding, dilation, res, g):
 
     def grad_input(g):
         return jnp.concatenate([
-            _shift_grad_input_all(g, kernel[:, :, i], in_hw, strides, padding, dilation)
+            _shift_grad_input_all([g], [kernel[:, :, i]], in_hw, strides, padding, dilation)
             for i in range(n_in)
         ], axis=-1)
 
@@ -491,3 +491,65 @@ def _depthwise_sum_bwd(strides, padding, dilation, res, g):
 
 
 grouped_inputs_major.defvjp(_depthwise_sum_fwd, _depthwise_sum_bwd)
+
+
+def _multiplier_major_forward_all(x, kernel, strides, padding, dilation):
+    """``concat_t depthwise(x, kernel slice t)``: every output slice from one padded ``x``."""
+    out_hw = _out_hw(x.shape[1:3], kernel.shape[:2], strides, padding, dilation)
+    xp = _pad_hw(x, [(*padding[0], 0), (*padding[1], 0)])
+    slices = _channel_slices(kernel, kernel.shape[-1] // x.shape[-1])
+    return jnp.concatenate(
+        [_tap_sum([xp], [k], out_hw, strides, dilation) for k in slices], axis=-1)
+
+
+def _multiplier_major_forward(x, kernel, strides, padding, dilation):
+    return _chunked_map(
+        lambda x: _multiplier_major_forward_all(x, kernel, strides, padding, dilation), x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _multiplier_major(x, kernel, strides, padding, dilation):
+    return _multiplier_major_forward(x, kernel, strides, padding, dilation)
+
+
+def _multiplier_major_fwd(x, kernel, strides, padding, dilation):
+    return _multiplier_major_forward(x, kernel, strides, padding, dilation), (x, kernel)
+
+
+def _multiplier_major_bwd(strides, padding, dilation, res, g):
+    x, kernel = res
+    m, in_hw = kernel.shape[-1] // x.shape[-1], x.shape[1:3]
+    kernels = _channel_slices(kernel, m)
+
+    def grad_input(g):
+        return _shift_grad_input_all(
+            _channel_slices(g, m), kernels, in_hw, strides, padding, dilation)
+
+    def grad_kernel(x, g):
+        return jnp.concatenate([
+            _shift_grad_kernel_all(x, gt, kernel.shape[:2], strides, padding, dilation)
+            for gt in _channel_slices(g, m)
+        ], axis=-1)
+
+    dk = _chunked_sum(grad_kernel, x, g, chunk_bytes=_GRAD_KERNEL_CHUNK_BYTES)
+    dx = _chunked_map(grad_input, g)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_multiplier_major.defvjp(_multiplier_major_fwd, _multiplier_major_bwd)
+
+
+def depthwise_multiplier_major(
+    x: jax.Array, kernel: jax.Array, strides: Pair, padding: Pads, dilation: Pair
+) -> jax.Array:
+    """A depthwise conv with channel multiplier ``m``, ``kernel`` ``(kh, kw, 1, m·C)``, whose
+    output channels are ordered multiplier-major: copy ``t`` of input ``c`` at channel
+    ``t·C + c`` (lax: ``c·m + t``), in the kernel's columns and in the output alike.
+
+    Each output slice is then a depthwise conv of the same ``x``, all computed from one padded
+    copy, and the input gradient is one fused sum over the slices; lax's order needed ``x``
+    repeated ``m`` times (an ``m``-times larger array written forwards, and a strided sum over
+    its channels backwards). ``run_chain`` feeds the depthwise stage of ``dsc`` with rank > 1
+    this way by permuting the next 1×1 stage's input rows.
+    """
+    return _multiplier_major(x, kernel[:, :, 0, :], strides, padding, dilation)

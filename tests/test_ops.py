@@ -113,6 +113,81 @@ def test_auto_is_fast_on_cpu_and_names_are_checked():
             pass
 
 
+def _channel_major_case(op):
+    """(lax-order x, lax-order kernel, groups, fast fn on lax-order arrays) for one of the
+    channel-major ops, whose channel orders are the transposes of lax's."""
+    from factorize.chain import transpose_channels
+
+    if op == "multiplier_major":  # depthwise, 4 inputs × multiplier 2; output c·m+t → t·C+c
+        cin, kshape, groups = 4, (3, 3, 1, 8), 4
+
+        def fast(x, k, s, p, d):
+            y = ops.depthwise_multiplier_major(x, transpose_channels(k, 3, 4, 2), s, p, d)
+            return transpose_channels(y, 3, 2, 4)  # back to lax's order
+    else:  # grouped, 4 groups × 2 inputs, one output each; input g·I+i → i·G+g
+        cin, kshape, groups = 8, (3, 3, 2, 4), 4
+
+        def fast(x, k, s, p, d):
+            return ops.grouped_inputs_major(transpose_channels(x, 3, 4, 2), k, s, p, d)
+
+    x = jax.random.normal(jax.random.key(0), (2, 11, 10, cin))
+    k = jax.random.normal(jax.random.key(1), kshape)
+    return x, k, groups, fast
+
+
+@pytest.mark.parametrize("op", ["multiplier_major", "inputs_major"])
+def test_channel_major_ops_equal_lax(op):
+    """The ops ``run_chain`` feeds through permuted 1×1 kernels equal lax's grouped conv up to
+    that channel permutation, forward and both gradients, in every geometry."""
+    x, k, groups, fast = _channel_major_case(op)
+
+    def outputs(fn, x, k, geometry):
+        strides, pads, dilation = geometry
+        y = fn(x, k, strides, pads, dilation)
+        ct = jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)
+        grads = jax.grad(lambda x, k: jnp.vdot(fn(x, k, strides, pads, dilation), ct), (0, 1))
+        return (y, *grads(x, k))
+
+    def reference(x, k, strides, pads, dilation):
+        return ops.lax_conv(x, k, groups, strides, pads, dilation)
+
+    geometries = [(s, normalize_padding(p, x.shape[1:3], k.shape[:2], s, d), d)
+                  for s, p, d in GEOMETRIES]
+
+    @jax.jit
+    def both(x, k):
+        return [(outputs(fast, x, k, g), outputs(reference, x, k, g)) for g in geometries]
+
+    for geometry, (fast_out, ref_out) in zip(GEOMETRIES, both(x, k), strict=True):
+        for name, a, b in zip(("output", "d/dx", "d/dkernel"), fast_out, ref_out, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"{geometry} {name}")
+
+
+def _equations(jaxpr):
+    """All equations of a jaxpr, nested ones (custom_vjp, jit, loops) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, tuple | list) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+def test_dsc_with_multiplier_runs_multiplier_major():
+    """dsc rank 2 under the fast path never builds the repeated (B, H, W, 2C) activations that
+    lax's channel order needs: only the tiny kernels are permuted."""
+    f = factorize.random_factorized(jax.random.key(0), (3, 3, 4, 6), "dsc", 2)
+    x = jnp.ones((2, 5, 5, 4))
+    with ops.implementation("fast"):
+        eqns = list(_equations(jax.make_jaxpr(lambda f, x: f(x))(f, x).jaxpr))
+    names = {e.primitive.name for e in eqns}
+    assert "custom_vjp_call" in names or "custom_vjp_call_jaxpr" in names
+    for e in eqns:  # jnp.repeat is a broadcast (or gather) of the activations
+        if e.primitive.name in ("gather", "broadcast_in_dim"):
+            assert e.outvars[0].aval.shape[:3] != (2, 5, 5), e
+
+
 FAMILY_RANKS = [
     ("dsc", 2), ("bsconv", 2), ("spatial", 3), ("lowrank_in", 3), ("lowrank_out", 3),
     ("tucker2", (3, 4)), ("cp3", 5), ("cp4", 5), ("full", "full"),
