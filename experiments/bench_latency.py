@@ -15,10 +15,12 @@ each in its own subprocess (XLA_FLAGS is read once per process). Reported speed-
 *fastest* full-conv time over both settings by the fastest factorized time over both settings;
 the per-setting (same-process) speed-ups are in the JSON too (``*_same``, worst setting).
 
-Commands (2 CPU cores):
-  nice python3 experiments/bench_latency.py --json results/latency.json            # ≈ 25 min
-  nice python3 experiments/bench_latency.py --models --json results/models.json    # ≈ 10 min
-  python3 experiments/bench_latency.py --quick                                     # ≈ 1 min
+Commands (2 CPU cores, quiet machine; the README shows their output):
+  python3 experiments/bench_latency.py --repeats 5 \
+      --json results/benchmarks/latency.json                 # ≈ 10 min
+  python3 experiments/bench_latency.py --models --repeats 5 \
+      --json results/benchmarks/latency_models.json          # ≈ 5 min
+  python3 experiments/bench_latency.py --quick               # ≈ 1 min
 """
 
 from __future__ import annotations
