@@ -14,6 +14,10 @@ on CPU:
   with a ``custom_vjp`` whose input and kernel gradients are shifted multiply-adds too;
 * dense kh×kw → ``lax.conv_general_dilated`` (XLA's own dense conv is the fastest we measured).
 
+Two channel orders spare those paths a transpose of the activations, paid for by permuting a
+neighbouring 1×1 kernel in ``chain.run_chain``: :func:`grouped_inputs_major` (BSConv's r → 1
+stage) and :func:`depthwise_multiplier_major` (``dsc`` with rank > 1).
+
 Implementations: ``"lax"`` (always ``lax.conv_general_dilated``), ``"fast"`` (the paths above),
 ``"auto"`` (default: ``"fast"`` on CPU, ``"lax"`` on GPU/TPU, where native convs are good).
 Pick one for a block of code with :func:`implementation`; it applies at trace time.
