@@ -193,18 +193,16 @@ def _channel_major_layouts(
     layouts = {}
     for k in range(1, len(stages)):
         a, b = stages[k - 1], stages[k]
-        if a.shape[:2] == (1, 1) and a.groups == 1 and a.shape[3] == b.in_channels:
-            kh, kw, cin_g, cout = b.shape
-            if (
-                cin_g > 1 and cout == b.groups
-                and ops.fast_kind(a.shape[3], b.shape, b.groups) == "shift"
-            ):
-                factors[k - 1] = transpose_channels(factors[k - 1], 3, b.groups, cin_g)
-                layouts[k] = "inputs_major"
+        cin_g, cout = b.shape[2:]
+        if (
+            a.kind == "pointwise" and b.kind == "grouped" and cout == b.groups
+            and ops.fast_kind(b.in_channels, b.shape, b.groups) == "shift"
+        ):
+            factors[k - 1] = transpose_channels(factors[k - 1], 3, b.groups, cin_g)
+            layouts[k] = "inputs_major"
         if (
             a.kind == "depthwise" and a.shape[3] > a.groups and b.kind == "pointwise"
             and ops.fast_kind(a.in_channels, a.shape, a.groups) == "shift"
-            and (k - 1) not in layouts
         ):
             m = a.shape[3] // a.groups
             factors[k - 1] = transpose_channels(factors[k - 1], 3, a.groups, m)

@@ -188,6 +188,18 @@ def test_dsc_with_multiplier_runs_multiplier_major():
             assert e.outvars[0].aval.shape[:3] != (2, 5, 5), e
 
 
+def test_channel_major_layouts_are_chosen_for_bsconv_and_dsc_only():
+    """Which stages ``run_chain`` runs channel-major, per family (a performance path: the
+    equality tests pass without it, so its selection is pinned here)."""
+    from factorize.chain import _channel_major_layouts
+
+    expected = {("bsconv", 2): {1: "inputs_major"}, ("dsc", 2): {0: "multiplier_major"}}
+    for family, rank in [*FAMILY_RANKS, ("bsconv", 1), ("dsc", 1)]:
+        f = factorize.random_factorized(jax.random.key(0), (3, 3, 4, 6), family, rank)
+        got = _channel_major_layouts(f.stages, f.factors)[1]
+        assert got == expected.get((family, rank), {}), (family, rank)
+
+
 FAMILY_RANKS = [
     ("dsc", 2), ("bsconv", 2), ("spatial", 3), ("lowrank_in", 3), ("lowrank_out", 3),
     ("tucker2", (3, 4)), ("cp3", 5), ("cp4", 5), ("full", "full"),
