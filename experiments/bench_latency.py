@@ -86,16 +86,19 @@ def compiled(fn: Callable, *args, impl: str = "auto") -> Callable[[], Any]:
 
 
 def pick_rank(family: str, shape: tuple[int, int, int, int], hw: int, target: float):
-    """The family's rank whose MAC ratio is closest to ``target`` at or below it (the smallest
-    rank if even that is above), and that ratio."""
+    """The family's largest rank within ``target`` of the full conv's MACs at ``hw`` (the
+    smallest rank if even that costs more), and its MAC ratio."""
     import factorize
     from factorize.chain import chain_macs
+    from factorize.costs import conv_macs
+    from factorize.families import rank_for_fraction
 
     fam = factorize.get_family(family)
-    full = chain_macs(factorize.get_family("full").chain(shape, None), hw)
-    ratios = [(r, chain_macs(fam.chain(shape, r), hw) / full) for r in fam.rank_path(shape)]
-    below = [rr for rr in ratios if rr[1] <= target]
-    return max(below, key=lambda rr: rr[1]) if below else min(ratios, key=lambda rr: rr[1])
+    try:
+        rank = rank_for_fraction(fam, shape, target, input_hw=hw)
+    except ValueError:  # even the smallest rank is above the target: report it anyway
+        rank = fam.rank_path(shape)[0]
+    return rank, chain_macs(fam.chain(shape, rank), hw) / conv_macs(shape, hw)
 
 
 def layer_group(channels: int, hw: int, batch: int, repeats: int, families, targets, impl):
