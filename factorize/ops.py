@@ -225,30 +225,6 @@ def _pad_hw(x: jax.Array, config: list[tuple[int, int, int]]) -> jax.Array:
     return lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *config, (0, 0, 0)])
 
 
-def _tap(
-    xp: jax.Array, i: int, j: int, out_hw: Pair, strides: Pair, dilation: Pair, *, flat: bool
-) -> jax.Array:
-    """The input window that kernel tap (i, j) multiplies, for every output position.
-
-    ``flat`` and stride 1 along W: the window is a ``(B, OH, OW·C)`` slice of the padded input
-    viewed as ``(B, HP, WP·C)``; a tap's W offset is a shift by a multiple of C on one minor axis.
-    XLA:CPU runs fused sums of such slices 3.5–4× faster than of the 4-D ``(B, OH, OW, C)``
-    windows when several inputs are summed (BSConv's r → 1 stage, C = 128, 32×32: 63 → 17 ms;
-    a single depthwise conv: ~10 %). A strided W needs the 4-D window, and so does the kernel
-    gradient's sum of products (flat windows made it 5× slower at C = 256, 16×16).
-    """
-    b, _, wp, c = xp.shape
-    (oh, ow), (sh, sw), (dh, dw) = out_hw, strides, dilation
-    if flat and sw == 1:
-        view = xp.reshape(b, xp.shape[1], wp * c)
-        start = (0, i * dh, j * dw * c)
-        return lax.slice(view, start, (b, i * dh + (oh - 1) * sh + 1, j * dw * c + ow * c),
-                         (1, sh, 1))
-    start = (0, i * dh, j * dw, 0)
-    limit = (b, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c)
-    return lax.slice(xp, start, limit, (1, sh, sw, 1))
-
-
 def _weights(v: jax.Array, window: jax.Array) -> jax.Array:
     """A tap's per-channel weights ``(C,)`` laid out along ``window``'s minor axis."""
     return v if window.ndim == 4 else jnp.tile(v, window.shape[-1] // v.shape[-1])
@@ -271,11 +247,21 @@ def _axis_window(n: int, out: int, s: int, d: int, lo: int, tap: int):
     return first * s + delta, count, first, out - first - count
 
 
-def _zero_filled_tap(
-    x: jax.Array, i: int, j: int, out_hw: Pair, strides: Pair, padding: Pads, dilation: Pair
+def _window(
+    x: jax.Array, i: int, j: int, out_hw: Pair, strides: Pair, padding: Pads, dilation: Pair,
+    *, flat: bool,
 ) -> jax.Array | None:
-    """Tap (i, j)'s window read from the *unpadded* input with the strides and zero-filled to
-    the output size (``None`` if it lies entirely in the padding). Layout as :func:`_tap`."""
+    """The input window that kernel tap (i, j) multiplies, for every output position: a
+    strided slice of ``x``, zero-filled to the output size where it falls in ``padding``
+    (``None`` if it lies entirely there; with zero ``padding`` nothing is filled).
+
+    ``flat`` and stride 1 along W: the window is ``(B, OH, OW·C)``, a slice of ``x`` viewed as
+    ``(B, H, W·C)``; a tap's W offset is a shift by a multiple of C on one minor axis. XLA:CPU
+    runs fused sums of such slices 3.5–4× faster than of the 4-D ``(B, OH, OW, C)`` windows
+    when several inputs are summed (BSConv's r → 1 stage, C = 128, 32×32: 63 → 17 ms; a single
+    depthwise conv: ~10 %). A strided W needs the 4-D window, and so does the kernel gradient's
+    sum of products (flat windows made it 5× slower at C = 256, 16×16).
+    """
     b, h, w, c = x.shape
     windows = [_axis_window(n, o, s, d, p[0], t) for n, o, s, d, p, t in
                zip((h, w), out_hw, strides, dilation, padding, (i, j), strict=True)]
@@ -283,37 +269,39 @@ def _zero_filled_tap(
         return None
     (h0, nh, hlo, hhi), (w0, nw, wlo, whi) = windows  # type: ignore[misc]
     sh, sw = strides
-    zero = jnp.zeros((), x.dtype)
-    if sw == 1:
+    if flat and sw == 1:
         view = x.reshape(b, h, w * c)
         window = lax.slice(view, (0, h0, w0 * c), (b, h0 + (nh - 1) * sh + 1, (w0 + nw) * c),
                            (1, sh, 1))
-        return lax.pad(window, zero, [(0, 0, 0), (hlo, hhi, 0), (wlo * c, whi * c, 0)])
-    window = lax.slice(x, (0, h0, w0, 0), (b, h0 + (nh - 1) * sh + 1, w0 + (nw - 1) * sw + 1, c),
-                       (1, sh, sw, 1))
-    return lax.pad(window, zero, [(0, 0, 0), (hlo, hhi, 0), (wlo, whi, 0), (0, 0, 0)])
+        fill = [(0, 0, 0), (hlo, hhi, 0), (wlo * c, whi * c, 0)]
+    else:
+        window = lax.slice(x, (0, h0, w0, 0),
+                           (b, h0 + (nh - 1) * sh + 1, w0 + (nw - 1) * sw + 1, c),
+                           (1, sh, sw, 1))
+        fill = [(0, 0, 0), (hlo, hhi, 0), (wlo, whi, 0), (0, 0, 0)]
+    if hlo or hhi or wlo or whi:
+        window = lax.pad(window, jnp.zeros((), x.dtype), fill)
+    return window
 
 
 def _tap_sum(xs, kernels, out_hw: Pair, strides: Pair, padding: Pads, dilation: Pair):
     """``Σ_n Σ_{i,j} window_n(i, j) · kernels[n][i, j]``, one fused sum of shifted products.
 
     ``xs`` are ``(B, H, W, C)`` inputs, ``kernels`` the matching ``(kh, kw, C)``. At stride 1
-    the windows are slices of a zero-padded copy of each input (:func:`_tap`). Strided, each is
-    a strided slice of the input zero-filled to the output size (:func:`_zero_filled_tap`):
-    padding a copy of the whole, larger input was most of the time (stride 2, batch 32:
+    the windows (:func:`_window`) are slices of a zero-padded copy of each input. Strided, each
+    is a strided slice of the input zero-filled to the output size: padding a copy of the
+    whole, larger input was most of the time (stride 2, batch 32:
     C = 128 at 32×32 2.0 → 0.46 ms, C = 32 at 112×112 8.9 → 2.4 ms); at stride 1 the padded
     copy is the faster of the two (C = 256, 32×32: 21 vs 28 ms).
     """
-    strided = strides != (1, 1)
+    if strides == (1, 1):  # pad a copy once; its windows need no filling
+        xs = [_pad_hw(x, [(*padding[0], 0), (*padding[1], 0)]) for x in xs]
+        padding = ((0, 0), (0, 0))
     acc = None
     for x, kernel in zip(xs, kernels, strict=True):
-        xp = x if strided else _pad_hw(x, [(*padding[0], 0), (*padding[1], 0)])
         for i in range(kernel.shape[0]):
             for j in range(kernel.shape[1]):
-                if strided:
-                    window = _zero_filled_tap(x, i, j, out_hw, strides, padding, dilation)
-                else:
-                    window = _tap(xp, i, j, out_hw, strides, dilation, flat=True)
+                window = _window(x, i, j, out_hw, strides, padding, dilation, flat=True)
                 if window is None:
                     continue
                 term = window * _weights(kernel[i, j], window)
@@ -437,7 +425,7 @@ def _shift_grad_kernel_all(x, g, kernel_hw, strides, padding, dilation):
     xp = _pad_hw(x, [(*padding[0], 0), (*padding[1], 0)])
 
     def tap_grad(i, j):
-        window = _tap(xp, i, j, (oh, ow), strides, dilation, flat=False)
+        window = _window(xp, i, j, (oh, ow), strides, ((0, 0), (0, 0)), dilation, flat=False)
         return tree_sum(_sum_of_products(window, g))
 
     rows = [[tap_grad(i, j) for j in range(kernel_hw[1])] for i in range(kernel_hw[0])]
