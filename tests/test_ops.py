@@ -44,37 +44,42 @@ def _run(impl, x, k, groups, strides, pads, dilation):
         return ops.conv(x, k, groups=groups, strides=strides, padding=pads, dilation=dilation)
 
 
-def _outputs(impl, x, k, groups, strides, pads, dilation):
-    """Forward output and gradients w.r.t. input and kernel of a random linear loss."""
-    y = _run(impl, x, k, groups, strides, pads, dilation)
+def _outputs(conv, x, k, geometry):
+    """Forward output and gradients w.r.t. input and kernel of a random linear loss, for
+    ``conv(x, k, strides, pads, dilation)``."""
+    strides, pads, dilation = geometry
+    y = conv(x, k, strides, pads, dilation)
     # a fixed non-constant cotangent; jax.random inside the program would dominate compile time
     ct = jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)
 
     def loss(x, k):
-        return jnp.vdot(_run(impl, x, k, groups, strides, pads, dilation), ct)
+        return jnp.vdot(conv(x, k, strides, pads, dilation), ct)
 
     return (y, *jax.grad(loss, argnums=(0, 1))(x, k))
 
 
-def _check_equal(cin, kshape, groups, geometries, hw=(9, 8)):
-    """All ``(strides, padding, dilation)`` geometries in one jitted program (one compile: the
-    test suite's time is compile time)."""
-    x = jax.random.normal(jax.random.key(0), (2, *hw, cin))
-    k = jax.random.normal(jax.random.key(1), kshape)
+def _check_equal(conv, reference, x, k, geometries):
+    """``conv`` equals ``reference`` (output, d/dx, d/dkernel) in all ``(strides, padding,
+    dilation)`` geometries, compiled as one jitted program (one compile: the test suite's time
+    is compile time)."""
+    normalized = [(s, normalize_padding(p, x.shape[1:3], k.shape[:2], s, d), d)
+                  for s, p, d in geometries]
 
     @jax.jit
     def both(x, k):
-        out = []
-        for strides, padding, dilation in geometries:
-            pads = normalize_padding(padding, hw, kshape[:2], strides, dilation)
-            args = (x, k, groups, strides, pads, dilation)
-            out.append((_outputs("fast", *args), _outputs("lax", *args)))
-        return out
+        return [(_outputs(conv, x, k, g), _outputs(reference, x, k, g)) for g in normalized]
 
-    for geometry, (fast, ref) in zip(geometries, both(x, k), strict=True):
-        for name, a, b in zip(("output", "d/dx", "d/dkernel"), fast, ref, strict=True):
+    for geometry, (got, ref) in zip(geometries, both(x, k), strict=True):
+        for name, a, b in zip(("output", "d/dx", "d/dkernel"), got, ref, strict=True):
             assert a.shape == b.shape, (geometry, name)
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"{geometry} {name}")
+
+
+def _lax_grouped(groups):
+    """The reference: ``lax.conv_general_dilated`` with ``groups`` feature groups."""
+    def conv(x, k, strides, pads, dilation):
+        return ops.lax_conv(x, k, groups, strides, pads, dilation)
+    return conv
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: s[0])
@@ -82,7 +87,13 @@ def test_fast_equals_lax(stage):
     _, cin, kshape, groups = stage
     # Dense stages run XLA's conv on both sides: one geometry checks the dispatch.
     geometries = GEOMETRIES if ops.fast_kind(cin, kshape, groups) != "lax" else GEOMETRIES[2:3]
-    _check_equal(cin, kshape, groups, geometries, hw=(11, 10))
+    x = jax.random.normal(jax.random.key(0), (2, 11, 10, cin))
+    k = jax.random.normal(jax.random.key(1), kshape)
+
+    def fast(x, k, strides, pads, dilation):
+        return _run("fast", x, k, groups, strides, pads, dilation)
+
+    _check_equal(fast, _lax_grouped(groups), x, k, geometries)
 
 
 def _primitives(fn, *args) -> set[str]:
@@ -140,27 +151,7 @@ def test_channel_major_ops_equal_lax(op):
     """The ops ``run_chain`` feeds through permuted 1×1 kernels equal lax's grouped conv up to
     that channel permutation, forward and both gradients, in every geometry."""
     x, k, groups, fast = _channel_major_case(op)
-
-    def outputs(fn, x, k, geometry):
-        strides, pads, dilation = geometry
-        y = fn(x, k, strides, pads, dilation)
-        ct = jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)
-        grads = jax.grad(lambda x, k: jnp.vdot(fn(x, k, strides, pads, dilation), ct), (0, 1))
-        return (y, *grads(x, k))
-
-    def reference(x, k, strides, pads, dilation):
-        return ops.lax_conv(x, k, groups, strides, pads, dilation)
-
-    geometries = [(s, normalize_padding(p, x.shape[1:3], k.shape[:2], s, d), d)
-                  for s, p, d in GEOMETRIES]
-
-    @jax.jit
-    def both(x, k):
-        return [(outputs(fast, x, k, g), outputs(reference, x, k, g)) for g in geometries]
-
-    for geometry, (fast_out, ref_out) in zip(GEOMETRIES, both(x, k), strict=True):
-        for name, a, b in zip(("output", "d/dx", "d/dkernel"), fast_out, ref_out, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"{geometry} {name}")
+    _check_equal(fast, _lax_grouped(groups), x, k, GEOMETRIES)
 
 
 def _equations(jaxpr):
