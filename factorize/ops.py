@@ -412,15 +412,16 @@ def _sum_of_products(a: jax.Array, b: jax.Array, ways: int = 8) -> jax.Array:
     return tree_sum(first.reshape(nb * nh, *a.shape[2:]))
 
 
-def _shift_grad_kernel(x, g, kernel_hw, strides, padding, dilation):
-    """dL/dk[i, j, :] = Σ_{b, positions} window(i, j) · g: one tree reduction per tap."""
-    return _chunked_sum(
-        lambda x, g: _shift_grad_kernel_all(x, g, kernel_hw, strides, padding, dilation), x, g,
-        chunk_bytes=_GRAD_KERNEL_CHUNK_BYTES,
-    )
+def _chunked_grads(x, kernel, g, grad_input, grad_kernel):
+    """A shifted conv's VJP from its per-chunk gradients: ``grad_kernel(x, g)`` summed over
+    small batch chunks, ``grad_input(g)`` mapped over cache-sized ones."""
+    dk = _chunked_sum(grad_kernel, x, g, chunk_bytes=_GRAD_KERNEL_CHUNK_BYTES)
+    dx = _chunked_map(grad_input, g)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
 def _shift_grad_kernel_all(x, g, kernel_hw, strides, padding, dilation):
+    """dL/dk[i, j, :] = Σ_{b, positions} window(i, j) · g: one tree reduction per tap."""
     b, oh, ow, c = g.shape
     xp = _pad_hw(x, [(*padding[0], 0), (*padding[1], 0)])
 
@@ -432,18 +433,11 @@ def _shift_grad_kernel_all(x, g, kernel_hw, strides, padding, dilation):
     return jnp.stack([jnp.stack(r) for r in rows])
 
 
-def _shift_grad_input(g, kernel, in_hw, strides, padding, dilation):
-    """dL/dx: the transposed conv, itself shifted multiply-adds with the flipped kernel."""
-    return _chunked_map(
-        lambda g: _shift_grad_input_all([g], [kernel], in_hw, strides, padding, dilation), g
-    )
-
-
 def _shift_grad_input_all(gs, kernels, in_hw, strides, padding, dilation):
-    """``Σ_n`` dL/dx of depthwise convs with ``kernels[n]`` whose cotangents are ``gs[n]``, in
-    one fused sum: each ``g`` dilated by the stride (interior padding) and padded so that a
-    stride-1 correlation with the flipped kernel lands exactly on the input positions (negative
-    pads crop)."""
+    """``Σ_n`` dL/dx of depthwise convs with ``kernels[n]`` whose cotangents are ``gs[n]``: the
+    transposed convs, shifted multiply-adds with the flipped kernels in one fused sum. Each
+    ``g`` is dilated by the stride (interior padding) and padded so that a stride-1 correlation
+    with the flipped kernel lands exactly on the input positions (negative pads crop)."""
     kh, kw = kernels[0].shape[:2]
     config = []
     for a, k in ((0, kh), (1, kw)):
@@ -469,9 +463,11 @@ def _shift_conv_fwd(x, kernel, strides, padding, dilation):
 
 def _shift_conv_bwd(strides, padding, dilation, res, g):
     x, kernel = res
-    dk = _shift_grad_kernel(x, g, kernel.shape[:2], strides, padding, dilation)
-    dx = _shift_grad_input(g, kernel, x.shape[1:3], strides, padding, dilation)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+    return _chunked_grads(
+        x, kernel, g,
+        lambda g: _shift_grad_input_all([g], [kernel], x.shape[1:3], strides, padding, dilation),
+        lambda x, g: _shift_grad_kernel_all(x, g, kernel.shape[:2], strides, padding, dilation),
+    )
 
 
 _depthwise.defvjp(_shift_conv_fwd, _shift_conv_bwd)
@@ -533,9 +529,7 @@ def _depthwise_sum_bwd(strides, padding, dilation, res, g):
             for xs in _channel_slices(x, n_in)
         ], axis=2)
 
-    dk = _chunked_sum(grad_kernel, x, g, chunk_bytes=_GRAD_KERNEL_CHUNK_BYTES)
-    dx = _chunked_map(grad_input, g)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+    return _chunked_grads(x, kernel, g, grad_input, grad_kernel)
 
 
 grouped_inputs_major.defvjp(_depthwise_sum_fwd, _depthwise_sum_bwd)
@@ -579,9 +573,7 @@ def _multiplier_major_bwd(strides, padding, dilation, res, g):
             for gt in _channel_slices(g, m)
         ], axis=-1)
 
-    dk = _chunked_sum(grad_kernel, x, g, chunk_bytes=_GRAD_KERNEL_CHUNK_BYTES)
-    dx = _chunked_map(grad_input, g)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+    return _chunked_grads(x, kernel, g, grad_input, grad_kernel)
 
 
 _multiplier_major.defvjp(_multiplier_major_fwd, _multiplier_major_bwd)
