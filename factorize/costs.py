@@ -158,9 +158,15 @@ def xla_flops(fn: Callable, *args, **kwargs) -> float:
     """XLA's FLOP count of ``fn(*args)`` from ``jit(fn).lower(...).cost_analysis()``.
 
     The count is taken before optimisation: exact for convs and matmuls (2 × MACs, padding
-    taps excluded) and it includes elementwise work (bias adds, activations).
+    taps excluded) and it includes elementwise work (bias adds, activations). Like
+    :func:`count_macs`, ``fn`` is traced with factorize's reference implementation, so its
+    convolutions are counted as convolutions (the CPU fast path's shifted multiply-adds would
+    count as elementwise work).
     """
-    cost = jax.jit(fn).lower(*args, **kwargs).cost_analysis()
+    from factorize import ops
+
+    with ops.reference_implementation():
+        cost = jax.jit(fn).lower(*args, **kwargs).cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
     return float(cost["flops"])

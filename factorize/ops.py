@@ -20,7 +20,9 @@ stage) and :func:`depthwise_multiplier_major` (``dsc`` with rank > 1).
 
 Implementations: ``"lax"`` (always ``lax.conv_general_dilated``), ``"fast"`` (the paths above),
 ``"auto"`` (default: ``"fast"`` on CPU, ``"lax"`` on GPU/TPU, where native convs are good).
-Pick one for a block of code with :func:`implementation`; it applies at trace time.
+Pick one for a block of code with :func:`implementation` (it applies at trace time, and JAX
+caches traces per implementation), for a process with the environment variable
+``FACTORIZE_CONV_IMPLEMENTATION`` or ``jax.config.update("factorize_conv_implementation", ...)``.
 
 Note for users on CPU: ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`` (set before JAX is
 imported) makes XLA's dense and 1×1 convs faster (DESIGN.md §4). This library never sets it.
@@ -29,9 +31,8 @@ imported) makes XLA's dense and 1×1 convs faster (DESIGN.md §4). This library 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -44,23 +45,42 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 Pads = tuple[tuple[int, int], tuple[int, int]]
 Pair = tuple[int, int]
 
-# Which implementation `conv` uses; scoped by a context manager, never changed at import.
-_IMPLEMENTATION: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "factorize_conv_implementation", default="auto"
-)
 IMPLEMENTATIONS = ("auto", "lax", "fast")
 
 
-@contextlib.contextmanager
-def implementation(name: str) -> Iterator[None]:
-    """Within the block (at trace time), stages run with implementation ``name``."""
+def _implementation_state():
+    """Which implementation ``conv`` uses: a JAX config option (``factorize_conv_implementation``,
+    thread-local, scoped by :func:`implementation`; registered at import, its value never
+    changed there) that JAX puts in its trace and jit cache keys.
+
+    The choice is read at trace time, so it must be part of those keys: with a plain context
+    variable, a function traced once (``jax.jit(f)``, ``jax.make_jaxpr(f)``) was served from
+    JAX's cache under the other implementation — ``count_macs`` then counted a fast-path trace
+    and a fast-vs-lax comparison compared one implementation with itself. JAX has no public
+    API for such options; ``jax._src.config.enum_state`` is what ``jax_default_prng_impl`` and
+    friends use.
+    """
+    from jax._src import config as jax_config
+
+    return jax_config.enum_state(
+        "factorize_conv_implementation", list(IMPLEMENTATIONS), "auto",
+        help="Implementation of factorize's convolutions: auto, lax or fast.",
+        include_in_jit_key=True, include_in_trace_context=True,
+    )
+
+
+_IMPLEMENTATION = _implementation_state()
+
+
+def implementation(name: str) -> contextlib.AbstractContextManager[None]:
+    """Within the block (at trace time), stages run with implementation ``name``.
+
+    Functions traced under different implementations are cached separately by JAX, so the
+    same ``jax.jit(f)`` runs each implementation in its own block.
+    """
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {name!r}")
-    token = _IMPLEMENTATION.set(name)
-    try:
-        yield
-    finally:
-        _IMPLEMENTATION.reset(token)
+    return _IMPLEMENTATION(name)
 
 
 def reference_implementation() -> contextlib.AbstractContextManager[None]:
@@ -70,7 +90,7 @@ def reference_implementation() -> contextlib.AbstractContextManager[None]:
 
 def current_implementation() -> str:
     """The implementation :func:`conv` would use now (``"auto"`` resolved for the backend)."""
-    name = _IMPLEMENTATION.get()
+    name = _IMPLEMENTATION.value
     if name == "auto":
         return "fast" if jax.default_backend() == "cpu" else "lax"
     return name

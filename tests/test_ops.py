@@ -124,6 +124,31 @@ def test_auto_is_fast_on_cpu_and_names_are_checked():
             pass
 
 
+
+def test_switching_implementation_retraces_an_already_traced_function():
+    """The implementation is read at trace time; JAX must not serve a trace (or a compiled
+    executable) made under the other one. With a plain context variable this test failed:
+    the same ``jax.jit(f)`` / ``f`` ran the fast path inside ``implementation("lax")`` and
+    ``count_macs`` counted the fast path's (conv-free) trace."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 1, 4))
+
+    def f(x, k):
+        return ops.conv(x, k, groups=4, padding=((1, 1), (1, 1)))
+
+    jf = jax.jit(f)
+    with ops.implementation("fast"):
+        fast_out, fast_prims = jf(x, k), _primitives(f, x, k)
+    with ops.implementation("lax"):
+        lax_out, lax_prims = jf(x, k), _primitives(f, x, k)
+        assert "convolution" in jf.lower(x, k).as_text()
+    assert "conv_general_dilated" not in fast_prims and "conv_general_dilated" in lax_prims
+    np.testing.assert_allclose(fast_out, lax_out, rtol=1e-5, atol=1e-5)
+    with ops.implementation("fast"):
+        assert "convolution" not in jf.lower(x, k).as_text()
+        # count_macs traces under "lax" a function already traced under "fast"
+        assert factorize.count_macs(f, x, k) == 2 * 8 * 8 * 9 * 4
+
 def _channel_major_case(op):
     """(lax-order x, lax-order kernel, groups, fast fn on lax-order arrays) for one of the
     channel-major ops, whose channel orders are the transposes of lax's."""
