@@ -332,9 +332,9 @@ def _tap_sum(xs, kernels, out_hw: Pair, strides: Pair, padding: Pads, dilation: 
 
 
 def _map_forward(fn, x: jax.Array, strides: Pair) -> jax.Array:
-    """``fn(x)``; at stride 1 over batch chunks (:func:`_chunked_map`, cache-sized padded
+    """``fn(x)``; at stride 1 over batch chunks (:func:`batch_chunked_map`, cache-sized padded
     copies), strided in one piece (no padded copy to keep in cache; chunked was slower)."""
-    return fn(x) if strides != (1, 1) else _chunked_map(fn, x)
+    return fn(x) if strides != (1, 1) else batch_chunked_map(fn, x)
 
 
 def _out_hw(in_hw: Pair, kernel_hw: Pair, strides: Pair, padding: Pads, dilation: Pair) -> Pair:
@@ -363,7 +363,7 @@ def _chunk_slices(arrays, cb: int, k):
     return [lax.dynamic_slice_in_dim(a, k * cb, cb, axis=0) for a in arrays]
 
 
-def _chunked_map(fn, *arrays, chunk_bytes: int = _CHUNK_BYTES):
+def batch_chunked_map(fn, *arrays, chunk_bytes: int = _CHUNK_BYTES):
     """``fn`` over batch chunks of ``arrays`` (sequentially), outputs concatenated on the batch.
 
     A ``fori_loop`` over dynamic slices of the inputs, writing into one output buffer: slicing
@@ -436,7 +436,7 @@ def _chunked_grads(x, kernel, g, grad_input, grad_kernel):
     """A shifted conv's VJP from its per-chunk gradients: ``grad_kernel(x, g)`` summed over
     small batch chunks, ``grad_input(g)`` mapped over cache-sized ones."""
     dk = _chunked_sum(grad_kernel, x, g, chunk_bytes=_GRAD_KERNEL_CHUNK_BYTES)
-    dx = _chunked_map(grad_input, g)
+    dx = batch_chunked_map(grad_input, g)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 

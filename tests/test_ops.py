@@ -248,6 +248,63 @@ def test_chain_equal_and_macs_under_both_implementations(family, rank, geom):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family,rank", [("dsc", 2), ("cp3", 5), ("bsconv", 2), ("cp4", 5)])
+def test_chunked_inference_equals_lax(family, rank, monkeypatch):
+    """Inference over batch chunks (forced: every chain, one image per chunk) gives lax's
+    output; differentiated, the chain runs whole and its gradients equal lax's."""
+    from factorize import chain
+
+    monkeypatch.setattr(chain, "_chunk_inference", lambda *args: True)
+    monkeypatch.setattr(chain, "_INFERENCE_CHUNK_BYTES", 1)
+    f = factorize.random_factorized(jax.random.key(0), (3, 3, 4, 6), family, rank)
+    x = jax.random.normal(jax.random.key(1), (3, 9, 7, 4))
+    geom = dict(strides=(2, 1), padding="SAME")
+
+    def fwd(f, x):
+        return f(x, **geom)
+
+    def grads(f, x):
+        return jax.grad(lambda f, x: jnp.sum(jnp.sin(fwd(f, x))), (0, 1))(f, x)
+
+    with ops.implementation("fast"):
+        assert "scan" in str(jax.make_jaxpr(fwd)(f, x))  # the chunk loop (a fori_loop) runs
+        out, grad = jax.jit(fwd)(f, x), jax.jit(grads)(f, x)
+    with ops.implementation("lax"):
+        ref_out, ref_grad = jax.jit(fwd)(f, x), jax.jit(grads)(f, x)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_inference_chunking_is_chosen_as_measured(monkeypatch):
+    """Which chains run inference over batch chunks (a performance path, pinned here):
+    depthwise-first chains, and chains whose intermediates are ≥ 2× the input and ≥ 24 MiB;
+    never a chain with a dense stage, never under the lax implementation."""
+    from factorize import chain
+
+    chunked = []
+    real = chain._inference_in_batch_chunks
+    monkeypatch.setattr(chain, "_inference_in_batch_chunks",
+                        lambda *a: chunked.append(True) or real(*a))
+
+    def is_chunked(family, rank, channels, hw, impl="fast"):
+        chunked.clear()
+        f = factorize.random_factorized(jax.random.key(0), (3, 3, channels, channels), family,
+                                        rank)
+        x = jax.ShapeDtypeStruct((32, hw, hw, channels), jnp.float32)  # traced, never run
+        with ops.implementation(impl):
+            jax.make_jaxpr(lambda f, x: f(x))(f, x)
+        return bool(chunked)
+
+    assert is_chunked("dsc", 1, 256, 32) and is_chunked("dsc", 1, 64, 16)
+    assert is_chunked("cp3", 283, 256, 32) and is_chunked("cp4", 140, 128, 32)
+    assert is_chunked("bsconv", 2, 128, 32)
+    assert not is_chunked("cp3", 141, 256, 32)  # intermediates 1.1× the input
+    assert not is_chunked("cp3", 67, 64, 32)  # 2.1× but 17.6 MB
+    assert not is_chunked("tucker2", (128, 128), 256, 32)
+    assert not is_chunked("dsc", 1, 256, 32, impl="lax")
+
+
 def test_layer_grad_under_jit_matches_lax():
     layer = factorize.FactorizedConv(4, 6, (3, 3), family="cp3", rank=5, strides=2,
                                      rngs=__import__("flax").nnx.Rngs(0))
