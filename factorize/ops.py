@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -363,8 +363,11 @@ def _chunk_slices(arrays, cb: int, k):
     return [lax.dynamic_slice_in_dim(a, k * cb, cb, axis=0) for a in arrays]
 
 
-def batch_chunked_map(fn, *arrays, chunk_bytes: int = _CHUNK_BYTES):
+def batch_chunked_map(
+    fn: Callable[..., jax.Array], *arrays: jax.Array, chunk_bytes: int = _CHUNK_BYTES
+) -> jax.Array:
     """``fn`` over batch chunks of ``arrays`` (sequentially), outputs concatenated on the batch.
+    A chunk is the largest divisor of the batch whose images take at most ``chunk_bytes``.
 
     A ``fori_loop`` over dynamic slices of the inputs, writing into one output buffer: slicing
     inside the loop copies nothing (``lax.map`` over a reshaped batch did).
