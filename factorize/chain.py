@@ -130,15 +130,20 @@ def chain_macs(
     strides, dilation = pair(strides, "strides"), pair(dilation, "dilation")
     kernel_hw = _chain_extent(stages)
     pads = normalize_padding(padding, hw, kernel_hw, strides, dilation)
-    total = 0
+    return sum(macs for _, macs, _ in _stage_costs(stages, hw, strides, pads, dilation,
+                                                   count_padding))
+
+
+def _stage_costs(stages, hw, strides, pads, dilation, count_padding: bool = True):
+    """``(stage, MACs per image, output (height, width))`` of each stage, in order, each run at
+    the resolution the previous one produced."""
     for st in stages:
         s, p, d = _stage_geometry(st, strides, pads, dilation)
         macs, hw = conv_macs(
             st.shape, hw, s, p, d, groups=st.groups, count_padding=count_padding,
             return_output_hw=True,
         )
-        total += macs
-    return total
+        yield st, macs, hw
 
 
 def _chain_extent(stages: Sequence[Stage]) -> tuple[int, int]:
@@ -200,11 +205,10 @@ def _chunk_inference(stages, x, strides, pads, dilation) -> bool:
         return False
     if stages[0].kind == "depthwise":
         return True
-    hw, intermediate = x.shape[1:3], 0
-    for st in stages[:-1]:
-        s, p, d = _stage_geometry(st, strides, pads, dilation)
-        _, hw = conv_macs(st.shape, hw, s, p, d, groups=st.groups, return_output_hw=True)
-        intermediate += x.shape[0] * math.prod(hw) * st.out_channels * x.dtype.itemsize
+    intermediate = sum(
+        x.shape[0] * math.prod(hw) * st.out_channels * x.dtype.itemsize
+        for st, _, hw in _stage_costs(stages[:-1], x.shape[1:3], strides, pads, dilation)
+    )
     return intermediate >= max(2 * x.size * x.dtype.itemsize, 24 << 20)
 
 
