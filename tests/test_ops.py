@@ -226,6 +226,23 @@ CHAIN_GEOMETRIES = [dict(strides=(2, 1), padding="SAME"),
                     dict(strides=1, padding="VALID", dilation=(1, 2))]
 
 
+def _check_chain_against_lax(f, x, geom, grad_atol=1e-4):
+    """``f(x, **geom)`` and its gradients w.r.t. factors and input (loss ``Σ sin(f(x))``), jitted
+    under the fast implementation, equal the same under lax."""
+
+    def out_and_grad(f, x):
+        return f(x, **geom), jax.grad(lambda f, x: jnp.sum(jnp.sin(f(x, **geom))), (0, 1))(f, x)
+
+    res = {}
+    for impl in ("lax", "fast"):
+        with ops.implementation(impl):
+            res[impl] = jax.jit(out_and_grad)(f, x)
+    (out, grads), (ref_out, ref_grads) = res["fast"], res["lax"]
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=grad_atol)
+
+
 @pytest.mark.parametrize("geom", CHAIN_GEOMETRIES, ids=["stride21-same", "dilation12-valid"])
 @pytest.mark.parametrize("family,rank", FAMILY_RANKS, ids=lambda v: str(v))
 def test_chain_equal_and_macs_under_both_implementations(family, rank, geom):
@@ -233,19 +250,11 @@ def test_chain_equal_and_macs_under_both_implementations(family, rank, geom):
     shape = (3, 3, 4, 6)
     f = factorize.random_factorized(jax.random.key(0), shape, family, rank)
     x = jax.random.normal(jax.random.key(1), (2, 9, 7, 4))
-    outs, grads = {}, {}
-
-    def out_and_grad(f, x):
-        return f(x, **geom), jax.grad(lambda f, x: jnp.sum(f(x, **geom) ** 2), (0, 1))(f, x)
-
+    _check_chain_against_lax(f, x, geom)
     for impl in ("lax", "fast"):
         with ops.implementation(impl):
-            outs[impl], grads[impl] = jax.jit(out_and_grad)(f, x)
             macs = factorize.count_macs(lambda f, x: f(x, **geom), f, x)
         assert macs == x.shape[0] * f.macs((9, 7), **geom)
-    np.testing.assert_allclose(outs["fast"], outs["lax"], rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads["fast"]), jax.tree.leaves(grads["lax"]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family,rank", [("dsc", 2), ("cp3", 5), ("bsconv", 2), ("cp4", 5)])
@@ -259,21 +268,9 @@ def test_chunked_inference_equals_lax(family, rank, monkeypatch):
     f = factorize.random_factorized(jax.random.key(0), (3, 3, 4, 6), family, rank)
     x = jax.random.normal(jax.random.key(1), (3, 9, 7, 4))
     geom = dict(strides=(2, 1), padding="SAME")
-
-    def fwd(f, x):
-        return f(x, **geom)
-
-    def grads(f, x):
-        return jax.grad(lambda f, x: jnp.sum(jnp.sin(fwd(f, x))), (0, 1))(f, x)
-
-    with ops.implementation("fast"):
-        assert "scan" in str(jax.make_jaxpr(fwd)(f, x))  # the chunk loop (a fori_loop) runs
-        out, grad = jax.jit(fwd)(f, x), jax.jit(grads)(f, x)
-    with ops.implementation("lax"):
-        ref_out, ref_grad = jax.jit(fwd)(f, x), jax.jit(grads)(f, x)
-    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    with ops.implementation("fast"):  # the chunk loop (a fori_loop) runs
+        assert "scan" in str(jax.make_jaxpr(lambda f, x: f(x, **geom))(f, x))
+    _check_chain_against_lax(f, x, geom, grad_atol=1e-5)
 
 
 def test_inference_chunking_is_chosen_as_measured(monkeypatch):
