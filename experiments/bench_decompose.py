@@ -141,11 +141,16 @@ def timed(fn: Callable, repeats: int):
     return out, first, (statistics.median(times) if times else first)
 
 
+def line_search_used(family: str, line_search: bool) -> bool:
+    """Whether a row ran CP-ALS's line search (tucker2's HOOI has none)."""
+    return line_search and family != "tucker2"
+
+
 def row_key(family: str, shape, rank, kind: str, n_iter: int, init: str,
             line_search: bool = False) -> tuple:
     """What identifies a measurement: a rerun with the same ``--json`` skips rows it holds."""
     rank = tuple(rank) if isinstance(rank, (list, tuple)) else rank
-    return family, tuple(shape), rank, kind, n_iter, init, line_search and family != "tucker2"
+    return family, tuple(shape), rank, kind, n_iter, init, line_search_used(family, line_search)
 
 
 def bench_row(w, kind, family, rank, shape, args) -> dict:
@@ -160,7 +165,7 @@ def bench_row(w, kind, family, rank, shape, args) -> dict:
     row = {
         "family": family, "shape": list(shape), "rank": list(rank) if isinstance(rank, tuple)
         else rank, "kind": kind, "n_iter": args.n_iter, "init": args.init,
-        "line_search": args.line_search and family != "tucker2",
+        "line_search": line_search_used(family, args.line_search),
         "fz_first_s": fz_first, "fz_time_s": fz_time, "tl_first_s": tl_first,
         "tl_time_s": tl_time, "fz_rel_error": fz_err, "tl_rel_error": tl_err,
         "speedup": tl_time / fz_time,
