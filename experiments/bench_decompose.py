@@ -12,7 +12,8 @@ float64, from the returned factors) and the ratios. Kernels: ``random`` (i.i.d. 
 checkpoint, e.g. the Fashion-MNIST CNN's ``conv4``), a trained kernel.
 
 ``--resnet18`` instead times the whole-model check: cp4 at a quarter of the parameters on every
-3×3 conv kernel of a ResNet-18-sized set (11.0M parameters, random kernels).
+3×3 conv kernel of a ResNet-18-sized set (11.0M parameters, random kernels); with
+``--convert``, ``factorize.convert`` does the same to the library's ResNet-18 model.
 
 Command (the README's table):
 
@@ -22,11 +23,11 @@ Command (the README's table):
 
 Expected runtime on 2 quiet CPU cores: about an hour for the full table (35 minutes with
 ``--tl-repeats 0``), almost all of it tensorly's (its cp4 on (512,512,3,3) at rank 256 takes
-7.5 minutes per kernel); 50–55 s for ``--resnet18``; ~20 s for ``--quick`` (one small
-shape, used by the tests). The JSON is rewritten after every row and a rerun with the same
-``--json`` measures only the missing rows, so the table can be built in pieces (e.g.
-``--families tucker2`` on a quiet machine: its many small steps suffer most from other jobs,
-1.2 s quiet vs 10–40 s at load average 5).
+7.5 minutes per kernel); 50–55 s for ``--resnet18`` (45–66 s with ``--convert``); ~20 s
+for ``--quick`` (one small shape, used by the tests). The JSON is rewritten after every row
+and a rerun with the same ``--json`` measures only the missing rows, so the table can be
+built in pieces (e.g. ``--families tucker2`` on a quiet machine: its many small steps suffer
+most from other jobs, 1.2 s quiet vs 10–40 s at load average 5).
 """
 
 from __future__ import annotations
@@ -206,7 +207,32 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def resnet18_convert(args) -> None:
+    """``factorize.convert`` on the library's ResNet-18 (CIFAR layout, width 64, random init):
+    every 3×3 conv but the stem to cp4 at 1/4 of its parameters, with ``--workers`` threads."""
+    from flax import nnx
+
+    from factorize.conversion import Policy, Rule, convert
+    from factorize.models import make_model
+
+    model = make_model("resnet18", num_classes=10, in_channels=3, rngs=nnx.Rngs(0))
+    x = jax.numpy.zeros((1, 32, 32, 3))
+    policy = Policy((
+        Rule(None, path="^stem$"),
+        Rule("cp4", 0.25, kernel_size=(3, 3), options={"n_iter": args.n_iter, "tol": None}),
+        Rule(None),
+    ))
+    t0 = time.perf_counter()
+    _, report = convert(model, policy, x, workers=args.workers)
+    total = time.perf_counter() - t0
+    print(f"factorize.convert ResNet-18: {len(report.converted)} convs to cp4 at 0.25, "
+          f"{args.n_iter} ALS sweeps each; total {total:.1f} s ({args.workers} worker threads)",
+          flush=True)
+
+
 def resnet18(args) -> None:
+    if args.convert:
+        return resnet18_convert(args)
     rng = np.random.default_rng(0)
     kernels = [
         (rng.standard_normal((3, 3, c, n)) / np.sqrt(9 * c)).astype(np.float32)
@@ -241,8 +267,10 @@ def main(argv=None) -> list[dict]:
                    "a rerun with the same path keeps its rows and measures only the missing ones)")
     p.add_argument("--quick", action="store_true", help="one small shape, few iterations")
     p.add_argument("--resnet18", action="store_true", help="the whole-model timing instead")
+    p.add_argument("--convert", action="store_true",
+                   help="--resnet18: time factorize.convert on the library's ResNet-18 model")
     p.add_argument("--workers", type=int, default=2,
-                   help="--resnet18: threads for factorize.decompose_many (1: one at a time)")
+                   help="--resnet18: threads for decompose_many or convert (1: one at a time)")
     p.add_argument("--shapes", default=None, help="e.g. 256x256x3x3,512x512x3x3 (N×C×kh×kw)")
     p.add_argument("--families", default="cp4,cp3,tucker2")
     p.add_argument("--kinds", default="random,planted")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -165,24 +166,65 @@ def decompose_many(
       The :class:`Factorized` values, in the order of ``kernels`` (identical to
       ``[decompose(k, family, rank, **options) for k in kernels]``).
     """
+    kernels = [check_kernel(k, f"kernels[{i}]", layout) for i, k in enumerate(kernels)]
+    jobs = [DecomposeJob(k, family, rank, options) for k in kernels]
+    out, errors = decompose_jobs(jobs, workers=workers)
+    if errors:
+        raise errors[min(errors)]
+    return out  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecomposeJob:
+    """One :func:`decompose` call: a checked HWIO ``kernel``, its family, rank and options."""
+
+    kernel: jax.Array
+    family: str
+    rank: RankArg
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def decompose_jobs(
+    jobs: Sequence[DecomposeJob],
+    *,
+    workers: int = 2,
+    on_done: Callable[[int], None] | None = None,
+) -> tuple[list[Factorized | None], dict[int, Exception]]:
+    """Runs ``decompose`` for every job, grouped by kernel shape and dtype on ``workers``
+    threads (see :func:`decompose_many`).
+
+    Returns ``(results, errors)`` by job index. After the first error no further job starts
+    (a running one finishes), so ``errors`` holds the failures of the jobs that ran and
+    ``results`` is ``None`` where a job failed or never ran. ``on_done(i)`` is called (from a
+    worker thread) as job ``i`` finishes.
+    """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-    kernels = [check_kernel(k, f"kernels[{i}]", layout) for i, k in enumerate(kernels)]
     groups: dict[tuple, list[int]] = {}
-    for i, k in enumerate(kernels):
-        groups.setdefault((tuple(k.shape), k.dtype), []).append(i)
-    out: list[Any] = [None] * len(kernels)
+    for i, job in enumerate(jobs):
+        groups.setdefault((tuple(job.kernel.shape), job.kernel.dtype), []).append(i)
+    out: list[Factorized | None] = [None] * len(jobs)
+    errors: dict[int, Exception] = {}
 
     def run(indices: list[int]) -> None:
         for i in indices:
-            out[i] = decompose(kernels[i], family, rank, **options)
+            if errors:
+                return
+            job = jobs[i]
+            try:
+                out[i] = decompose(job.kernel, job.family, job.rank, **job.options)
+            except Exception as e:  # reported by index to the caller, which names the input
+                errors[i] = e
+                return
+            if on_done is not None:
+                on_done(i)
 
     # largest kernels first: the longest groups start early and the short ones fill in
-    order = sorted(groups.values(), key=lambda ix: -kernels[ix[0]].size * len(ix))
+    order = sorted(groups.values(), key=lambda ix: -jobs[ix[0]].kernel.size * len(ix))
     with ThreadPoolExecutor(max_workers=workers) as pool:  # one worker: in order, one at a time
         for fut in [pool.submit(run, ix) for ix in order]:
             fut.result()
-    return out
+    return out, errors
 
 
 def from_factors(

@@ -114,6 +114,28 @@ def test_infeasible_budget_errors_or_keeps(models):
     assert stem.path == "stem" and stem.family is None and stem.note.startswith("kept:")
 
 
+def test_parallel_conversion_equals_one_at_a_time_and_names_failing_layers(models):
+    """Layers are decomposed on worker threads grouped by kernel shape; the result is the
+    same model and report as converting them one by one in forward order."""
+    model, x = models["resnet18"]
+    policy = Policy((Rule("cp4", 3, path="blocks/[01]/", options={"n_iter": 5}), Rule("dsc", 1)))
+    one, report_one = convert(model, policy, x, workers=1)
+    two, report_two = convert(model, policy, x, workers=2)
+    jax.tree.map(np.testing.assert_array_equal, _params(one), _params(two))
+    assert report_one.rows == report_two.rows
+    assert [r.path for r in report_two.rows] == list(fz.conversion.layer_inputs(model, x))
+    # a rank out of range is caught while planning, named by layer
+    too_big = Policy((Rule("cp4", 10**6, path="blocks/2/conv1"), Rule("dsc", 1)))
+    with pytest.raises(ValueError, match=r"layer 'blocks/2/conv1'.*rank"):
+        convert(model, too_big, x)
+    # an error inside a decomposition (an unknown option) is named by layer too
+    bad_option = Policy((Rule("dsc", 1, path="blocks/1/conv2", options={"colour": "red"}), Rule("dsc", 1)))
+    with pytest.raises(TypeError, match=r"layer 'blocks/1/conv2'.*colour"):
+        convert(model, bad_option, x)
+    with pytest.raises(ValueError, match="workers must be an int >= 1, got 0"):
+        convert(model, policy, x, workers=0)
+
+
 def test_linear_layer_is_the_1x1_case():
     class Head(nnx.Module):
         def __init__(self):

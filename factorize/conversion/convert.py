@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -15,8 +16,13 @@ from factorize._checks import pair
 from factorize.conversion.policy import Policy, Rule
 from factorize.conversion.report import ConversionReport, LayerRow
 from factorize.costs import conv_macs, count_macs
-from factorize.factorized import decompose, random_factorized, relative_error
-from factorize.families import Rank, get_family, rank_for_fraction
+from factorize.factorized import (
+    DecomposeJob,
+    decompose_jobs,
+    random_factorized,
+    relative_error,
+)
+from factorize.families import Rank, get_family, rank_for_fraction, resolve_rank
 from factorize.layers import FactorizedConv, FactorizedLinear
 from factorize.models.spec import set_submodule
 
@@ -114,6 +120,7 @@ def convert(
     sample_input: Any,
     *,
     progress: bool = False,
+    workers: int = 2,
 ) -> tuple[nnx.Module, ConversionReport]:
     """A copy of ``model`` with the layers ``policy`` selects replaced by factorized layers.
 
@@ -129,6 +136,8 @@ def convert(
       sample_input: an input batch for ``model``; one example of it is run to learn each
         layer's input size (for MAC budgets and the report).
       progress: show a progress bar over the layers.
+      workers: threads decomposing the layers (grouped by kernel shape, as in
+        :func:`factorize.decompose_many`); ``1`` converts them one at a time, in order.
 
     Returns:
       ``(converted_model, report)``; the report has a row per conv/linear layer (converted or
@@ -147,58 +156,91 @@ def convert(
     converted = nnx.clone(model)
     layers = candidate_layers(converted)
     order = [p for p in inputs if p in layers]  # forward order; layers never called are skipped
-    rows = []
-    for path in tqdm(order, desc="convert", unit="layer", disable=not progress, leave=False):
-        layer = layers[path]
-        layer_type = "linear" if isinstance(layer, nnx.Linear) else "conv"
-        kernel = _kernel(layer)
-        shape = tuple(int(s) for s in kernel.shape)
-        in_shape = inputs[path]
-        input_hw = (1, 1) if layer_type == "linear" else (in_shape[1], in_shape[2])
-        strides, padding, dilation, reason = _geometry(layer)
-        if layer_type == "conv":
-            macs_before = conv_macs(shape, input_hw, strides, padding, dilation)
+    rows: list[LayerRow | None] = []
+    plans: list[_Planned] = []  # the layers to convert, each with its row's index
+    for path in order:
+        plan = _plan_layer(path, layers[path], inputs[path], policy)
+        if isinstance(plan, LayerRow):
+            rows.append(plan)
         else:
-            macs_before = math.prod(shape)  # per input vector
-        params = sum(x.size for x in jax.tree.leaves(nnx.state(layer, nnx.Param)))
-        rule = policy.rule_for(path, layer_type, shape[:2])
-        kept = dict(
-            path=path, layer_type=layer_type, family=None, rank=None, kernel_shape=shape,
-            input_hw=input_hw, strides=strides, params_before=params, params_after=params,
-            macs_before=macs_before, macs_after=macs_before, rel_error=0.0,
-        )
-        if rule is None or rule.family is None or reason:
-            rows.append(LayerRow(**kept, note=reason))
-            continue
-        try:
-            rank = _resolve_rank(rule, kernel, input_hw, strides, padding, dilation)
-        except ValueError as e:
-            if policy.on_infeasible == "keep" and rule.macs is not None:
-                rows.append(LayerRow(**kept, note=f"kept: {e}"))
-                continue
-            raise ValueError(f"layer {path!r}: {e}") from None
-        try:
-            f = decompose(kernel, rule.family, rank, **rule.options)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"layer {path!r}: {e}") from None
+            plans.append(dataclasses.replace(plan, row=len(rows)))
+            rows.append(None)
+    with tqdm(total=len(plans), desc="convert", unit="layer", disable=not progress,
+              leave=False) as bar:
+        results, errors = decompose_jobs(
+            [p.job for p in plans], workers=workers, on_done=lambda _: bar.update())
+    if errors:
+        i = min(errors)
+        e = errors[i]
+        if isinstance(e, (ValueError, TypeError)):
+            raise type(e)(f"layer {plans[i].path!r}: {e}") from None
+        raise e
+    for plan, f in zip(plans, results, strict=True):
+        layer = layers[plan.path]
         bias = layer.bias[...] if layer.bias is not None else None
-        if layer_type == "linear":
+        if plan.kept["layer_type"] == "linear":
             new = FactorizedLinear.from_factorized(f, bias=bias, dtype=layer.dtype)
         else:
             new = FactorizedConv.from_factorized(
-                f, bias=bias, strides=strides, padding=padding, kernel_dilation=dilation,
-                dtype=layer.dtype,
+                f, bias=bias, strides=plan.strides, padding=plan.padding,
+                kernel_dilation=plan.dilation, dtype=layer.dtype,
             )
-        set_submodule(converted, path, new)
-        rows.append(_converted_row(kept, f, new, bias, input_hw, kernel))
+        set_submodule(converted, plan.path, new)
+        rows[plan.row] = _converted_row(plan.kept, f, new, bias, plan.kept["input_hw"],
+                                        plan.job.kernel)
     report = ConversionReport(
-        rows=tuple(rows),
+        rows=tuple(rows),  # type: ignore[arg-type]
         model_macs_before=count_macs(model, first),
         model_macs_after=count_macs(converted, first),
         model_params_before=_params(model),
         model_params_after=_params(converted),
     )
     return converted, report
+
+
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+    """A layer ``convert`` will factorize: its decomposition and what its row needs."""
+
+    path: str
+    job: DecomposeJob
+    kept: dict[str, Any]
+    strides: tuple[int, int]
+    padding: Any
+    dilation: tuple[int, int]
+    row: int = -1
+
+
+def _plan_layer(path: str, layer: nnx.Module, in_shape, policy: Policy) -> LayerRow | _Planned:
+    """The row of a layer that stays as it is, or the plan to convert it (rank resolved and
+    checked, so a bad rule fails here, before any decomposition runs)."""
+    layer_type = "linear" if isinstance(layer, nnx.Linear) else "conv"
+    kernel = _kernel(layer)
+    shape = tuple(int(s) for s in kernel.shape)
+    input_hw = (1, 1) if layer_type == "linear" else (in_shape[1], in_shape[2])
+    strides, padding, dilation, reason = _geometry(layer)
+    if layer_type == "conv":
+        macs_before = conv_macs(shape, input_hw, strides, padding, dilation)
+    else:
+        macs_before = math.prod(shape)  # per input vector
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(layer, nnx.Param)))
+    rule = policy.rule_for(path, layer_type, shape[:2])
+    kept = dict(
+        path=path, layer_type=layer_type, family=None, rank=None, kernel_shape=shape,
+        input_hw=input_hw, strides=strides, params_before=params, params_after=params,
+        macs_before=macs_before, macs_after=macs_before, rel_error=0.0,
+    )
+    if rule is None or rule.family is None or reason:
+        return LayerRow(**kept, note=reason)
+    try:
+        rank = _resolve_rank(rule, kernel, input_hw, strides, padding, dilation)
+        resolve_rank(get_family(rule.family), shape, rank)
+    except ValueError as e:
+        if policy.on_infeasible == "keep" and rule.macs is not None:
+            return LayerRow(**kept, note=f"kept: {e}")
+        raise ValueError(f"layer {path!r}: {e}") from None
+    job = DecomposeJob(kernel, rule.family, rank, dict(rule.options))
+    return _Planned(path, job, kept, strides, padding, dilation)
 
 
 def _converted_row(kept, f, new, bias, input_hw, kernel) -> LayerRow:
