@@ -202,7 +202,14 @@ def pointwise(x: jax.Array, kernel: jax.Array, strides: Pair, padding: Pads) -> 
                                                 (0, 0, 0)))
     if strides != (1, 1):
         x = x[:, :: strides[0], :: strides[1], :]
-    return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+    # As a 2-D matmul over the flattened pixels: autodiff then takes the weight gradient as a
+    # 2-D dot contracting the pixel axis, which XLA:CPU runs without copying the activations
+    # into a transposed layout. Contracting (B, H, W) of the 4-D arrays instead made it
+    # transpose both operands first: training steps (C = 64, 32×32, batch 32) of dsc 27.5 →
+    # 17.5 ms and cp3 36.9 → 31.5 ms; cp3 at C = 128, 16×16 16.4 → 12.2 ms. Same numbers.
+    b, h, w, c = x.shape
+    flat = lax.dot_general(x.reshape(b * h * w, c), kernel[0, 0], (((1,), (0,)), ((), ())))
+    return flat.reshape(b, h, w, kernel.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
