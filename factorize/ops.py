@@ -379,32 +379,28 @@ def batch_chunked_map(
     A ``fori_loop`` over dynamic slices of the inputs, writing into one output buffer: slicing
     inside the loop copies nothing (``lax.map`` over a reshaped batch did).
     """
-    return _chunk_loop(arrays, chunk_bytes, map_fn=fn)[0]
+    return chunk_loop(lambda *chunk: (fn(*chunk), None), arrays, chunk_bytes)[0]
 
 
-def _chunk_loop(arrays, chunk_bytes: int, map_fn=None, sum_fn=None):
-    """One pass over batch chunks of ``arrays``: ``(map_fn`` of each chunk concatenated on the
-    batch, ``Σ sum_fn`` of each chunk``)`` (``None`` for a function not given)."""
+def chunk_loop(fn: Callable, arrays: Sequence[jax.Array], chunk_bytes: int):
+    """One pass over batch chunks of ``arrays``: ``fn(*chunk)`` returns ``(mapped, summed)``
+    (either may be ``None``, or a pytree); gives ``(the mapped chunks concatenated on the batch,
+    Σ summed)`` (the way :func:`batch_chunked_map` does)."""
     b = arrays[0].shape[0]
     cb = _chunk(b, max(_image_bytes(a) for a in arrays), chunk_bytes)
-
-    def step(chunk):
-        return (map_fn(*chunk) if map_fn else None, sum_fn(*chunk) if sum_fn else None)
-
     if cb == b:
-        return step(arrays)
-    first, total = step(_chunk_slices(arrays, cb, 0))
-    out = None
-    if map_fn:
-        out = jnp.zeros((b, *first.shape[1:]), first.dtype)
-        out = lax.dynamic_update_slice_in_dim(out, first, 0, axis=0)
+        return fn(*arrays)
+    first, total = fn(*_chunk_slices(arrays, cb, 0))
+    out = jax.tree.map(
+        lambda f: lax.dynamic_update_slice_in_dim(
+            jnp.zeros((b, *f.shape[1:]), f.dtype), f, 0, axis=0), first)
 
     def body(k, carry):
         out, total = carry
-        mapped, summed = step(_chunk_slices(arrays, cb, k))
-        if map_fn:
-            out = lax.dynamic_update_slice_in_dim(out, mapped, k * cb, 0)
-        return out, (total + summed if sum_fn else None)
+        mapped, summed = fn(*_chunk_slices(arrays, cb, k))
+        out = jax.tree.map(lambda o, m: lax.dynamic_update_slice_in_dim(o, m, k * cb, 0),
+                           out, mapped)
+        return out, jax.tree.map(jnp.add, total, summed)
 
     return lax.fori_loop(1, b // cb, body, (out, total))
 
@@ -453,8 +449,8 @@ def _chunked_grads(x, kernel, g, grad_input, grad_kernel):
     interleaved A/B) cp3 at C = 64, 32×32 32.0 → 28.3 ms, cp4 25.7 → 24.8 ms, cp3 at C = 256,
     16×16 20.6 → 18.2 ms; dsc at C = 64, 16×16 3.2 → 3.6 ms and bsconv at C = 128, 32×32
     69 → 72 ms went the other way."""
-    dx, dk = _chunk_loop((x, g), _GRAD_CHUNK_BYTES, map_fn=lambda x, g: grad_input(g),
-                         sum_fn=grad_kernel)
+    dx, dk = chunk_loop(lambda x, g: (grad_input(g), grad_kernel(x, g)), (x, g),
+                        _GRAD_CHUNK_BYTES)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 

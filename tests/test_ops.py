@@ -275,49 +275,65 @@ def test_chain_equal_and_macs_under_both_implementations(family, rank, geom):
         assert macs == x.shape[0] * f.macs((9, 7), **geom)
 
 
+@pytest.mark.parametrize("chunked", ["inference", "training"])
 @pytest.mark.parametrize("family,rank", [("dsc", 2), ("cp3", 5), ("bsconv", 2), ("cp4", 5)])
-def test_chunked_inference_equals_lax(family, rank, monkeypatch):
-    """Inference over batch chunks (forced: every chain, one image per chunk) gives lax's
-    output; differentiated, the chain runs whole and its gradients equal lax's."""
+def test_chunked_chain_equals_lax(family, rank, chunked, monkeypatch):
+    """The chain over batch chunks (forced for every chain, one image per chunk) — its
+    undifferentiated forward pass, or its backward pass from the kept stage inputs — gives
+    lax's output and gradients."""
     from factorize import chain
 
-    monkeypatch.setattr(chain, "_chunk_inference", lambda *args: True)
-    monkeypatch.setattr(chain, "_INFERENCE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(chain, f"_chunk_{chunked}", lambda *args: True)
+    monkeypatch.setattr(chain, "_CHUNK_BYTES", 1)
     f = factorize.random_factorized(jax.random.key(0), (3, 3, 4, 6), family, rank)
     x = jax.random.normal(jax.random.key(1), (3, 9, 7, 4))
     geom = dict(strides=(2, 1), padding="SAME")
-    with ops.implementation("fast"):  # the chunk loop (a fori_loop) runs
-        assert "scan" in str(jax.make_jaxpr(lambda f, x: f(x, **geom))(f, x))
+
+    def loss(f, x):
+        return jnp.sum(f(x, **geom))
+
+    with ops.implementation("fast"):  # the chunk loop (a fori_loop) runs where it should
+        forward = str(jax.make_jaxpr(lambda f, x: f(x, **geom))(f, x))
+        backward = str(jax.make_jaxpr(jax.grad(loss, (0, 1)))(f, x))
+    def loops(jaxpr):
+        return jaxpr.count("while") + jaxpr.count("scan")
+
+    # (dsc, depthwise-first, also chunks its inference when training chunking is forced)
+    assert (loops(forward) > 0) == (chunked == "inference" or family == "dsc")
+    assert (loops(backward) > 0) == (chunked == "training")
     _check_chain_against_lax(f, x, geom, grad_atol=1e-5)
 
 
-def test_inference_chunking_is_chosen_as_measured(monkeypatch):
-    """Which chains run inference over batch chunks (a performance path, pinned here):
-    depthwise-first chains, and chains whose intermediates are ≥ 2× the input and ≥ 24 MiB;
-    never a chain with a dense stage, never under the lax implementation."""
+def test_chunking_is_chosen_as_measured(monkeypatch):
+    """Which chains run over batch chunks (performance paths, pinned here). Inference:
+    depthwise-first chains, and chains whose intermediates are ≥ 2× the input and ≥ 24 MiB.
+    Training: chains not starting with a depthwise stage whose intermediates are ≥ 2× the
+    input and ≥ 16 MiB. Never a chain with a dense stage, never under lax."""
     from factorize import chain
 
-    chunked = []
-    real = chain._inference_in_batch_chunks
-    monkeypatch.setattr(chain, "_inference_in_batch_chunks",
-                        lambda *a: chunked.append(True) or real(*a))
+    chosen = []
+    real = chain._in_batch_chunks
+    monkeypatch.setattr(chain, "_in_batch_chunks",
+                        lambda fns, x, factors, inf, train: chosen.append((inf, train))
+                        or real(fns, x, factors, inf, train))
 
-    def is_chunked(family, rank, channels, hw, impl="fast"):
-        chunked.clear()
+    def chunking(family, rank, channels, hw, impl="fast"):
+        chosen.clear()
         f = factorize.random_factorized(jax.random.key(0), (3, 3, channels, channels), family,
                                         rank)
         x = jax.ShapeDtypeStruct((32, hw, hw, channels), jnp.float32)  # traced, never run
         with ops.implementation(impl):
             jax.make_jaxpr(lambda f, x: f(x))(f, x)
-        return bool(chunked)
+        return chosen[0] if chosen else (False, False)
 
-    assert is_chunked("dsc", 1, 256, 32) and is_chunked("dsc", 1, 64, 16)
-    assert is_chunked("cp3", 283, 256, 32) and is_chunked("cp4", 140, 128, 32)
-    assert is_chunked("bsconv", 2, 128, 32)
-    assert not is_chunked("cp3", 141, 256, 32)  # intermediates 1.1× the input
-    assert not is_chunked("cp3", 67, 64, 32)  # 2.1× but 17.6 MB
-    assert not is_chunked("tucker2", (128, 128), 256, 32)
-    assert not is_chunked("dsc", 1, 256, 32, impl="lax")
+    assert chunking("dsc", 1, 256, 32) == chunking("dsc", 1, 64, 16) == (True, False)
+    assert chunking("cp3", 283, 256, 32) == chunking("cp4", 140, 128, 32) == (True, True)
+    assert chunking("bsconv", 2, 128, 32) == (True, True)
+    assert chunking("cp3", 141, 256, 32) == (False, False)  # intermediates 1.1× the input
+    assert chunking("cp3", 67, 64, 32) == (False, True)  # 2.1× and 17.6 MB
+    assert chunking("cp4", 140, 128, 16) == (False, False)  # 2.2× but 9.2 MB
+    assert chunking("tucker2", (128, 128), 256, 32) == (False, False)
+    assert chunking("dsc", 1, 256, 32, impl="lax") == (False, False)
 
 
 def test_layer_grad_under_jit_matches_lax():
