@@ -383,9 +383,11 @@ def batch_chunked_map(
 
 
 def chunk_loop(fn: Callable, arrays: Sequence[jax.Array], chunk_bytes: int):
-    """One pass over batch chunks of ``arrays``: ``fn(*chunk)`` returns ``(mapped, summed)``
-    (either may be ``None``, or a pytree); gives ``(the mapped chunks concatenated on the batch,
-    Σ summed)`` (the way :func:`batch_chunked_map` does)."""
+    """One pass over batch chunks of ``arrays`` (chunked as in :func:`batch_chunked_map`), where
+    ``fn(*chunk)`` returns ``(mapped, summed)``, pytrees either of which may be ``None``.
+
+    Returns ``(mapped, summed)`` for the whole batch: the mapped chunks concatenated on the
+    batch axis, and the sum over the chunks."""
     b = arrays[0].shape[0]
     cb = _chunk(b, max(_image_bytes(a) for a in arrays), chunk_bytes)
     if cb == b:
