@@ -30,7 +30,7 @@ def test_train_convert_eval_inspect_round_trip(trained, capsys):
     root, ckpt = trained
     out = root / "conv"
     assert main(["convert", str(ckpt), "--family", "dsc", "--macs", "0.3", "--skip", "^conv1$",
-                 "--finetune-epochs", "1", "--out", str(out)]) == 0
+                 "--finetune-epochs", "1", "--workers", "1", "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == {"checkpoint", "report.json", "report.md",
                                                "report.csv", "finetune.json"}
     report = json.loads((out / "report.json").read_text())
@@ -65,6 +65,8 @@ def test_train_convert_eval_inspect_round_trip(trained, capsys):
          "rank for 'dsc' must be in [1, 9], got 12"),
         (["convert", "{ckpt}", "--rules", "{rules}", "--out", "{out}"], "matched no convertible layer"),
         (["convert", "{ckpt}", "--out", "{out}"], "--family (or --rules) is required"),
+        (["convert", "{ckpt}", "--family", "dsc", "--workers", "0", "--out", "{out}"],
+         "workers must be an int >= 1, got 0"),
         (["inspect", "{ckpt}", "--fractions", "0,2"], "--fractions must lie in (0, 1]"),
     ],
 )

@@ -32,6 +32,8 @@ def add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--macs", type=float, help="instead of --rank: MAC fraction per conv")
     p.add_argument("--skip", help="regex of layer paths to keep, e.g. '^conv1$'")
     p.add_argument("--rules", help="JSON rules file (see factorize.conversion.Policy)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="threads decomposing the layers (grouped by kernel shape; 1: in order)")
     p.add_argument("--finetune-epochs", type=int, default=0)
     p.add_argument("--freeze-factors", action="store_true",
                    help="fine-tune everything but the factors")
@@ -78,7 +80,8 @@ def run_convert(args: argparse.Namespace) -> int:
     dataset = args.dataset or metadata.get("dataset")
     if image_shape is None:
         raise ValueError(f"{args.checkpoint}: checkpoint metadata lacks image_shape")
-    converted, report = convert(model, policy, jnp.zeros((1, *image_shape)), progress=True)
+    converted, report = convert(model, policy, jnp.zeros((1, *image_shape)), progress=True,
+                                workers=args.workers)
     if not report.converted:
         what = f"rules file {args.rules!r}" if args.rules else "the policy"
         raise ValueError(f"{what} matched no convertible layer; layers: "
