@@ -207,12 +207,20 @@ def _run_stages(fns, x, factors):
 _CHUNK_BYTES = 2 << 20
 
 
-def _intermediate_bytes(stages, x, strides, pads, dilation) -> int:
-    """Bytes of the chain's intermediate activations (every stage output but the last)."""
-    return sum(
+def _chunkable(stages, x) -> bool:
+    """Neither pass is ever chunked for a single image or a chain with a dense stage (XLA's
+    dense conv, and its gradients most of all, ran slower on chunks)."""
+    return x.shape[0] > 1 and not any(st.kind == "dense" for st in stages)
+
+
+def _large_intermediates(stages, x, strides, pads, dilation, *, at_least: int) -> bool:
+    """Whether the chain's intermediate activations (every stage output but the last) take at
+    least twice the input's bytes and at least ``at_least`` bytes."""
+    intermediate = sum(
         x.shape[0] * math.prod(hw) * st.out_channels * x.dtype.itemsize
         for st, _, hw in _stage_costs(stages[:-1], x.shape[1:3], strides, pads, dilation)
     )
+    return intermediate >= max(2 * x.size * x.dtype.itemsize, at_least)
 
 
 def _chunk_inference(stages, x, strides, pads, dilation) -> bool:
@@ -225,12 +233,11 @@ def _chunk_inference(stages, x, strides, pads, dilation) -> bool:
     ≈ 1/4 of the MACs, C = 128, 32×32: 33–38 → 22–24 ms). It lost for cp3/cp4 with smaller
     intermediates (≈ 1/8 of the MACs: 11 → 13 ms) and for chains with a dense stage
     (tucker2: 38 → 42 ms), which are never chunked."""
-    if any(st.kind == "dense" for st in stages) or x.shape[0] == 1:
+    if not _chunkable(stages, x):
         return False
     if stages[0].kind == "depthwise":
         return True
-    intermediate = _intermediate_bytes(stages, x, strides, pads, dilation)
-    return intermediate >= max(2 * x.size * x.dtype.itemsize, 24 << 20)
+    return _large_intermediates(stages, x, strides, pads, dilation, at_least=24 << 20)
 
 
 def _chunk_training(stages, x, strides, pads, dilation) -> bool:
@@ -245,12 +252,9 @@ def _chunk_training(stages, x, strides, pads, dilation) -> bool:
     (cp4 at C = 128, 16×16, 9 MB: 10.9 → 12.4 ms) and for depthwise-first chains (dsc at
     C = 256, 32×32: 91 → 98 ms); chains with a dense stage were 20–50× slower (XLA's conv
     gradients over small batches). Those run whole."""
-    if any(st.kind == "dense" for st in stages) or stages[0].kind == "depthwise":
+    if not _chunkable(stages, x) or stages[0].kind == "depthwise":
         return False
-    if x.shape[0] == 1:
-        return False
-    intermediate = _intermediate_bytes(stages, x, strides, pads, dilation)
-    return intermediate >= max(2 * x.size * x.dtype.itemsize, 16 << 20)
+    return _large_intermediates(stages, x, strides, pads, dilation, at_least=16 << 20)
 
 
 def _in_batch_chunks(fns, x, factors, chunk_inference: bool, chunk_training: bool):
