@@ -156,15 +156,11 @@ def convert(
     converted = nnx.clone(model)
     layers = candidate_layers(converted)
     order = [p for p in inputs if p in layers]  # forward order; layers never called are skipped
-    rows: list[LayerRow | None] = []
-    plans: list[_Planned] = []  # the layers to convert, each with its row's index
-    for path in order:
-        plan = _plan_layer(path, layers[path], inputs[path], policy)
-        if isinstance(plan, LayerRow):
-            rows.append(plan)
-        else:
-            plans.append(dataclasses.replace(plan, row=len(rows)))
-            rows.append(None)
+    # a LayerRow for a layer kept as it is, a _Planned for one to convert (its row comes later)
+    rows: list[LayerRow | _Planned] = [
+        _plan_layer(path, layers[path], inputs[path], policy) for path in order
+    ]
+    plans = [r for r in rows if isinstance(r, _Planned)]
     with tqdm(total=len(plans), desc="convert", unit="layer", disable=not progress,
               leave=False) as bar:
         results, errors = decompose_jobs(
@@ -175,19 +171,10 @@ def convert(
         if isinstance(e, (ValueError, TypeError)):
             raise type(e)(f"layer {plans[i].path!r}: {e}") from None
         raise e
-    for plan, f in zip(plans, results, strict=True):
-        layer = layers[plan.path]
-        bias = layer.bias[...] if layer.bias is not None else None
-        if plan.kept["layer_type"] == "linear":
-            new = FactorizedLinear.from_factorized(f, bias=bias, dtype=layer.dtype)
-        else:
-            new = FactorizedConv.from_factorized(
-                f, bias=bias, strides=plan.strides, padding=plan.padding,
-                kernel_dilation=plan.dilation, dtype=layer.dtype,
-            )
-        set_submodule(converted, plan.path, new)
-        rows[plan.row] = _converted_row(plan.kept, f, new, bias, plan.kept["input_hw"],
-                                        plan.job.kernel)
+    done = iter(results)
+    for i, row in enumerate(rows):
+        if isinstance(row, _Planned):
+            rows[i] = _install(converted, layers[row.path], row, next(done))
     report = ConversionReport(
         rows=tuple(rows),  # type: ignore[arg-type]
         model_macs_before=count_macs(model, first),
@@ -208,7 +195,6 @@ class _Planned:
     strides: tuple[int, int]
     padding: Any
     dilation: tuple[int, int]
-    row: int = -1
 
 
 def _plan_layer(path: str, layer: nnx.Module, in_shape, policy: Policy) -> LayerRow | _Planned:
@@ -241,6 +227,21 @@ def _plan_layer(path: str, layer: nnx.Module, in_shape, policy: Policy) -> Layer
         raise ValueError(f"layer {path!r}: {e}") from None
     job = DecomposeJob(kernel, rule.family, rank, dict(rule.options))
     return _Planned(path, job, kept, strides, padding, dilation)
+
+
+def _install(converted: nnx.Module, layer: nnx.Module, plan: _Planned, f) -> LayerRow:
+    """Puts the factorized layer for ``plan`` (bias and geometry kept) in ``converted`` and
+    returns its report row."""
+    bias = layer.bias[...] if layer.bias is not None else None
+    if plan.kept["layer_type"] == "linear":
+        new = FactorizedLinear.from_factorized(f, bias=bias, dtype=layer.dtype)
+    else:
+        new = FactorizedConv.from_factorized(
+            f, bias=bias, strides=plan.strides, padding=plan.padding,
+            kernel_dilation=plan.dilation, dtype=layer.dtype,
+        )
+    set_submodule(converted, plan.path, new)
+    return _converted_row(plan.kept, f, new, bias, plan.kept["input_hw"], plan.job.kernel)
 
 
 def _converted_row(kept, f, new, bias, input_hw, kernel) -> LayerRow:
