@@ -129,7 +129,8 @@ def test_parallel_conversion_equals_one_at_a_time_and_names_failing_layers(model
     with pytest.raises(ValueError, match=r"layer 'blocks/2/conv1'.*rank"):
         convert(model, too_big, x)
     # an error inside a decomposition (an unknown option) is named by layer too
-    bad_option = Policy((Rule("dsc", 1, path="blocks/1/conv2", options={"colour": "red"}), Rule("dsc", 1)))
+    bad_option = Policy((Rule("dsc", 1, path="blocks/1/conv2", options={"colour": "red"}),
+                         Rule("dsc", 1)))
     with pytest.raises(TypeError, match=r"layer 'blocks/1/conv2'.*colour"):
         convert(model, bad_option, x)
     with pytest.raises(ValueError, match="workers must be an int >= 1, got 0"):

@@ -126,7 +126,12 @@ def test_fast_path_is_taken(stage):
     prims = _primitives(lambda x, k: _run("fast", x, k, groups, (1, 1), pads, (1, 1)), x, k)
     expect_lax = groups == 1 and kshape[:2] != (1, 1)  # dense convs stay XLA's
     assert ("conv_general_dilated" in prims) == expect_lax
-    ref = _primitives(lambda x, k: _run("lax", x, k, groups, (1, 1), pads, (1, 1)), x, k)
+    def reference(x, k):
+        return _run("lax", x, k, groups, (1, 1), pads, (1, 1))
+
+    # the reference's forward pass is exactly one conv; with its gradient, convs and no matmul
+    assert _jaxpr_primitives(jax.make_jaxpr(reference)(x, k).jaxpr) == {"conv_general_dilated"}
+    ref = _primitives(reference, x, k)
     assert "conv_general_dilated" in ref and "dot_general" not in ref
 
 
@@ -140,7 +145,6 @@ def test_auto_is_fast_on_cpu_and_names_are_checked():
     with pytest.raises(ValueError, match="implementation must be one of"):
         with ops.implementation("cudnn"):
             pass
-
 
 
 def test_switching_implementation_retraces_an_already_traced_function():
@@ -166,6 +170,7 @@ def test_switching_implementation_retraces_an_already_traced_function():
         assert "convolution" not in jf.lower(x, k).as_text()
         # count_macs traces under "lax" a function already traced under "fast"
         assert factorize.count_macs(f, x, k) == 2 * 8 * 8 * 9 * 4
+
 
 def _channel_major_case(op):
     """(lax-order x, lax-order kernel, groups, fast fn on lax-order arrays) for one of the
@@ -295,6 +300,7 @@ def test_chunked_chain_equals_lax(family, rank, chunked, monkeypatch):
     with ops.implementation("fast"):  # the chunk loop (a fori_loop) runs where it should
         forward = str(jax.make_jaxpr(lambda f, x: f(x, **geom))(f, x))
         backward = str(jax.make_jaxpr(jax.grad(loss, (0, 1)))(f, x))
+
     def loops(jaxpr):
         return jaxpr.count("while") + jaxpr.count("scan")
 
