@@ -9,17 +9,19 @@ Model level (``--models``): images/s, inference and training (SGD step), full vs
 ``factorize.models``' CNN and a MobileNet-style stack (MobileNet v1's channel plan where every
 block is one 3×3 conv through the conv factory: full = VGG-style, ``dsc`` rank 1 = MobileNet).
 
-The dense baseline is measured under both settings of the one XLA flag that matters on CPU
-(DESIGN.md §4): default and ``--xla_cpu_experimental_ynn_fusion_type=`` (YNNPACK fusion off),
-each in its own subprocess (XLA_FLAGS is read once per process). Reported speed-ups divide the
-*fastest* full-conv time over both settings by the fastest factorized time over both settings;
-the per-setting (same-process) speed-ups are in the JSON too (``*_same``, worst setting).
+Everything is measured in three environments (``CONFIGS``), each in its own subprocess
+(XLA_FLAGS and GLIBC_TUNABLES are read once per process): ``default``; ``ynn_off``, the one XLA
+flag that matters on CPU (DESIGN.md §4), ``--xla_cpu_experimental_ynn_fusion_type=`` (YNNPACK
+fusion off); ``ynn_off_thp``, that plus glibc's malloc on transparent huge pages. Reported
+speed-ups divide the *fastest* full-conv time over the settings by the fastest factorized
+time; the per-setting times and the worst per-setting (same-process) speed-ups (``*_same``)
+are in the JSON too.
 
-Commands (2 CPU cores, quiet machine; the README shows their output):
+Commands (2 CPU cores; the README shows their output):
   python3 experiments/bench_latency.py --repeats 5 \
-      --json results/benchmarks/latency.json                 # ≈ 10 min
+      --json results/benchmarks/latency.json                 # ≈ 15 min
   python3 experiments/bench_latency.py --models --repeats 5 \
-      --json results/benchmarks/latency_models.json          # ≈ 5 min
+      --json results/benchmarks/latency_models.json          # ≈ 8 min
   python3 experiments/bench_latency.py --quick               # ≈ 1 min
 """
 
@@ -34,11 +36,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-CONFIGS = {"default": "", "ynn_off": "--xla_cpu_experimental_ynn_fusion_type="}
+# Environment of each measuring subprocess. XLA_FLAGS is read once per process; so is
+# GLIBC_TUNABLES. ``glibc.malloc.hugetlb=1`` makes glibc's malloc back its blocks with
+# transparent huge pages (madvise; needs THP in "madvise" or "always" mode): XLA:CPU's output
+# and scratch buffers over 32 MiB are otherwise fresh mmaps, first-touched 4 KiB page by page
+# on every call (8192 page faults, ≈ 10 ms on this VM, for a 32 MiB output).
+_YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+CONFIGS = {
+    "default": {"XLA_FLAGS": ""},
+    "ynn_off": {"XLA_FLAGS": _YNN_OFF},
+    "ynn_off_thp": {"XLA_FLAGS": _YNN_OFF, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+}
 FAMILIES = ("dsc", "bsconv", "spatial", "lowrank_in", "lowrank_out", "tucker2", "cp3", "cp4")
 TARGETS = (1 / 4, 1 / 8)
 
@@ -261,17 +273,24 @@ def worker(args) -> list[dict]:
     return rows
 
 
+def config_env(config: str, base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` with the variables of ``config``; the ones any config sets but this one does
+    not are removed, so an inherited GLIBC_TUNABLES cannot leak into ``default``."""
+    owned = {k for env in CONFIGS.values() for k in env}
+    return {**{k: v for k, v in base.items() if k not in owned}, **CONFIGS[config]}
+
+
 def run_config(config: str, argv: Sequence[str], keep: Path | None = None) -> list[dict]:
-    """Runs the worker in a subprocess with XLA_FLAGS for ``config`` (rows also saved to
+    """Runs the worker in a subprocess with the environment of ``config`` (rows also saved to
     ``keep``, so a long run's finished configs survive an interrupted later one)."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = CONFIGS[config]
+    env = config_env(config, os.environ)
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [sys.executable, __file__, *argv, "--worker-out", out]
-    print(f"[{config}] XLA_FLAGS={env['XLA_FLAGS']!r}", file=sys.stderr, flush=True)
+    print(f"[{config}] {CONFIGS[config]}, transparent huge pages: {thp_mode()}", file=sys.stderr,
+          flush=True)
     subprocess.run(cmd, env=env, check=True)
     rows = json.loads(Path(out).read_text())
     os.unlink(out)
@@ -279,6 +298,15 @@ def run_config(config: str, argv: Sequence[str], keep: Path | None = None) -> li
         keep.parent.mkdir(parents=True, exist_ok=True)
         keep.write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def thp_mode() -> str:
+    """The kernel's transparent-huge-page mode (the bracketed word), or ``"unknown"``."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown"
+    return text[text.find("[") + 1:text.find("]")] if "[" in text else "unknown"
 
 
 def merge(per_config: dict[str, list[dict]], models: bool) -> list[dict]:
@@ -342,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny run (tests, smoke)")
     p.add_argument("--models", action="store_true", help="whole-model images/s instead")
     p.add_argument("--configs", default=",".join(CONFIGS),
-                   help=f"XLA flag settings to run, from {list(CONFIGS)}")
+                   help=f"environments (XLA flags, allocator) to run, from {list(CONFIGS)}")
     p.add_argument("--impl", default="auto", help="conv implementation of factorized layers")
     p.add_argument("--families", nargs="+", default=list(FAMILIES))
     p.add_argument("--channels", nargs="+", type=int, default=[64, 128, 256])
@@ -358,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     raw = list(sys.argv[1:] if argv is None else argv)
     configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown or not configs:
+        p.error(f"--configs: expected names from {list(CONFIGS)}, got {args.configs!r}")
     per_config = {
         c: run_config(c, raw, args.json.with_suffix(f".{c}.json") if args.json else None)
         for c in configs

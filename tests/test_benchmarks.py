@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from experiment_scripts import load
 
 
@@ -46,3 +47,22 @@ def test_bench_latency_quick(tmp_path):
         assert 0 < r["mac_ratio"] <= r["target"] or r["rank"] == 1
         assert math.isclose(r["efficiency"], r["fwd_speedup"] * r["mac_ratio"])
         assert r["fwd_speedup"] > 0 and r["train_speedup"] > 0
+
+
+def test_bench_latency_environments():
+    """Each measuring subprocess gets exactly its config's variables: an inherited
+    GLIBC_TUNABLES or XLA_FLAGS does not leak into a config that does not set it."""
+    bl = load("bench_latency")
+    base = {"PATH": "/bin", "XLA_FLAGS": "--inherited", "GLIBC_TUNABLES": "glibc.x=1"}
+    assert bl.config_env("default", base) == {"PATH": "/bin", "XLA_FLAGS": ""}
+    thp = bl.config_env("ynn_off_thp", base)
+    assert thp == {"PATH": "/bin", "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=",
+                   "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert "GLIBC_TUNABLES" not in bl.config_env("ynn_off", base)
+
+
+def test_bench_latency_unknown_config_is_named(capsys):
+    with pytest.raises(SystemExit):
+        load("bench_latency").main(["--quick", "--configs", "default,fast_please"])
+    err = capsys.readouterr().err
+    assert "--configs" in err and "fast_please" in err and "ynn_off_thp" in err
