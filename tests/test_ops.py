@@ -284,8 +284,9 @@ def test_chain_equal_and_macs_under_both_implementations(family, rank, geom):
 @pytest.mark.parametrize("family,rank", [("dsc", 2), ("cp3", 5), ("bsconv", 2), ("cp4", 5)])
 def test_chunked_chain_equals_lax(family, rank, chunked, monkeypatch):
     """The chain over batch chunks (forced for every chain, one image per chunk) — its
-    undifferentiated forward pass, or its backward pass from the kept stage inputs — gives
-    lax's output and gradients."""
+    undifferentiated forward pass (and then the training forward pass that keeps the stage
+    inputs), or its backward pass from the kept stage inputs — gives lax's output and
+    gradients."""
     from factorize import chain
 
     monkeypatch.setattr(chain, f"_chunk_{chunked}", lambda *args: True)
@@ -294,19 +295,23 @@ def test_chunked_chain_equals_lax(family, rank, chunked, monkeypatch):
     x = jax.random.normal(jax.random.key(1), (3, 9, 7, 4))
     geom = dict(strides=(2, 1), padding="SAME")
 
-    def loss(f, x):
-        return jnp.sum(f(x, **geom))
+    def apply(f, x):
+        return f(x, **geom)
 
     with ops.implementation("fast"):  # the chunk loop (a fori_loop) runs where it should
-        forward = str(jax.make_jaxpr(lambda f, x: f(x, **geom))(f, x))
-        backward = str(jax.make_jaxpr(jax.grad(loss, (0, 1)))(f, x))
+        inference = str(jax.make_jaxpr(apply)(f, x))
+        forward_rule = str(jax.make_jaxpr(lambda f, x: jax.vjp(apply, f, x)[0])(f, x))
+        pullback = jax.vjp(apply, f, x)[1]
+        backward_rule = str(jax.make_jaxpr(pullback)(jnp.ones_like(apply(f, x))))
 
     def loops(jaxpr):
         return jaxpr.count("while") + jaxpr.count("scan")
 
     # (dsc, depthwise-first, also chunks its inference when training chunking is forced)
-    assert (loops(forward) > 0) == (chunked == "inference" or family == "dsc")
-    assert (loops(backward) > 0) == (chunked == "training")
+    assert (loops(inference) > 0) == (chunked == "inference" or family == "dsc")
+    # a chunked backward pass keeps a whole forward pass; otherwise the forward is chunked
+    assert (loops(forward_rule) > 0) == (chunked == "inference")
+    assert (loops(backward_rule) > 0) == (chunked == "training")
     _check_chain_against_lax(f, x, geom, grad_atol=1e-5)
 
 
