@@ -25,7 +25,11 @@ caches traces per implementation), for a process with the environment variable
 ``FACTORIZE_CONV_IMPLEMENTATION`` or ``jax.config.update("factorize_conv_implementation", ...)``.
 
 Note for users on CPU: ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`` (set before JAX is
-imported) makes XLA's dense and 1×1 convs faster (DESIGN.md §4). This library never sets it.
+imported) makes XLA's dense and 1×1 convs faster (DESIGN.md §4). On Linux with glibc,
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (set before Python starts; needs transparent huge
+pages in "madvise" or "always" mode) puts XLA's buffers on huge pages: blocks over 32 MiB are
+otherwise fresh mmaps faulted in 4 KiB at a time on every call, which costs the cheap
+factorized layers most (README, "Speed on CPU"). This library sets neither.
 """
 
 from __future__ import annotations
