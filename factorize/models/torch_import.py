@@ -21,7 +21,7 @@ from factorize.models.registry import make_model
 from factorize.models.spec import ModelSpec
 from factorize.models.torchvision import BN_EPS, layer_variables, torch_layers
 
-__all__ = ["ARCHS", "TorchNotInstalledError", "from_torch", "read_state_dict"]
+__all__ = ["ARCHS", "TorchNotInstalledError", "from_torch", "read_state_dict", "resolve_arch"]
 
 # The CLI's spelling (torchvision's function names) → (registry name, stem weight, classifier
 # weight); the last two give the input channels and the number of classes.
@@ -125,7 +125,9 @@ def _read_file(path: Path) -> Any:
                          f"({type(e).__name__}: {e})") from None
 
 
-def _resolve_arch(arch: str) -> tuple[str, str, str, str]:
+def resolve_arch(arch: str) -> tuple[str, str, str, str]:
+    """``(arch, registry name, stem weight key, classifier weight key)`` of ``arch``
+    (``"resnet18"`` or ``"tv_resnet18"``); ``ValueError`` listing the known ones otherwise."""
     for name, (model, stem, head) in ARCHS.items():
         if arch in (name, model):
             return name, model, stem, head
@@ -169,7 +171,7 @@ def from_torch(
         model = factorize.models.from_torch(tv.state_dict(), arch="resnet18")
         logits = model(jnp.zeros((1, 224, 224, 3)))  # tv(x.permute(0, 3, 1, 2)) in eval mode
     """
-    name, registry_name, stem_key, head_key = _resolve_arch(arch)
+    name, registry_name, stem_key, head_key = resolve_arch(arch)
     arrays = read_state_dict(source)
     head, stem = arrays.get(head_key), arrays.get(stem_key)
     if num_classes is None:
