@@ -68,16 +68,19 @@ def test_macs_match_published_and_forward_hooks(imported):
         assert round((ours + 4096 * 990) / 1e9, 2) == PUBLISHED_GMACS[arch]
 
 
-# One of each kind of conv the architecture has (a strided 3×3, 1×1s, a projection shortcut,
-# the stem): converting every layer costs a compiled SVD per kernel shape, minutes on 2 cores.
+# One of each kind of conv (the 7×7/2 stem, a strided 3×3, 1×1s, a projection shortcut, a
+# conv with bias): converting every layer costs a compiled SVD per kernel shape and a compile of
+# the converted model, minutes on 2 cores. ResNet-50 and VGG-16-BN have no other kinds.
 FULL_RANK_LAYERS = {
-    "resnet18": "^(conv1|layer2/0/.*)$", "resnet50": "^layer2/0/", "vgg16": "^features/[01]$",
-    "vgg16_bn": "^features/[01]$", "mobilenet_v2": "^(stem|blocks/[12]/.*|last)$",
+    "resnet18": "^(conv1|layer2/0/.*)$", "vgg16": "^features/[01]$",
+    "mobilenet_v2": "^(stem|blocks/[12]/.*|last)$",
 }
 
 
 def test_full_rank_conversion_equals_imported(imported):
     arch, net, model, run = imported
+    if arch not in FULL_RANK_LAYERS:
+        pytest.skip(f"{arch}: no conv kind the other architectures lack")
     x = images(32, seed=32)  # the input of the logits test: its compiled forward is reused
     rule = Rule("lowrank_out", "full", path=FULL_RANK_LAYERS[arch])
     converted, report = convert(model, Policy((rule,)), x)
