@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from factorize.conversion import commands as _conv_cmd
+from factorize.interop import commands as _interop_cmd
 
 # Errors that mean "bad input" (message for the user, no traceback). Kept as names so that
 # importing the CLI stays cheap; resolved lazily in main().
@@ -278,6 +279,23 @@ COMMANDS.update({
         "--out conv_cp4.safetensors",
         _conv_cmd.add_decompose,
         _conv_cmd.run_decompose,
+    ),
+})
+
+
+# PyTorch/StableHLO interop (factorize.interop.commands).
+COMMANDS.update({
+    "import-torch": (
+        "import a torchvision state dict (.pth or .safetensors) as a factorize checkpoint",
+        "factorize import-torch resnet18.pth --arch resnet18 --out runs/tv-resnet18",
+        _interop_cmd.add_import_torch,
+        _interop_cmd.run_import_torch,
+    ),
+    "export": (
+        "export a checkpoint to PyTorch (state dict + loader) or StableHLO (jax.export)",
+        "factorize export runs/tv-resnet18-dsc/checkpoint --to torch --out exports/resnet18-dsc",
+        _interop_cmd.add_export,
+        _interop_cmd.run_export,
     ),
 })
 

@@ -60,15 +60,22 @@ class _Probe(nnx.Module):
         return self.inner(x, *args, **kwargs)
 
 
-def layer_inputs(model: nnx.Module, sample_input: Any) -> dict[str, tuple[int, ...]]:
+def layer_inputs(
+    model: nnx.Module,
+    sample_input: Any,
+    *,
+    layers: Callable[[nnx.Module], dict[str, nnx.Module]] | None = None,
+) -> dict[str, tuple[int, ...]]:
     """The input shape of every conv/linear layer, in the order the forward pass calls them.
 
     Traces (does not run) the model on the first example of ``sample_input``, on a copy, so
-    the model itself (e.g. BatchNorm statistics) is untouched.
+    the model itself (e.g. BatchNorm statistics) is untouched. ``layers(model)`` picks the
+    layers by path (default :func:`candidate_layers`; ``factorize.models.conv_layers`` adds the
+    factorized convs).
     """
     probe = nnx.clone(model)
     log = _Log()
-    for path, layer in candidate_layers(probe).items():
+    for path, layer in (layers or candidate_layers)(probe).items():
         set_submodule(probe, path, _Probe(layer, path, log))
     graphdef, state = nnx.split(probe)
     first = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_input)

@@ -12,8 +12,25 @@ from flax import nnx
 from factorize.models.cnn import CNN
 from factorize.models.mobilenet import MobileNet
 from factorize.models.resnet import ResNet18
+from factorize.models.torchvision import (
+    TorchMobileNetV2,
+    TorchResNet18,
+    TorchResNet50,
+    TorchVGG16,
+    TorchVGG16BN,
+)
 
-MODELS: dict[str, type[nnx.Module]] = {"cnn": CNN, "resnet18": ResNet18, "mobilenet": MobileNet}
+MODELS: dict[str, type[nnx.Module]] = {
+    "cnn": CNN,
+    "resnet18": ResNet18,  # the CIFAR layout
+    "mobilenet": MobileNet,
+    # torchvision's ImageNet layouts (factorize.models.from_torch loads their state dicts)
+    "tv_resnet18": TorchResNet18,
+    "tv_resnet50": TorchResNet50,
+    "tv_vgg16": TorchVGG16,
+    "tv_vgg16_bn": TorchVGG16BN,
+    "tv_mobilenet_v2": TorchMobileNetV2,
+}
 
 
 def make_model(
