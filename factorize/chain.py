@@ -40,6 +40,12 @@ class Stage:
       groups: ``feature_group_count`` of the conv (``in_channels`` for depthwise).
       owns: ``(owns_h, owns_w)``, whether this stage carries the stride, padding and dilation
         of the height / width axis.
+
+    Example::
+
+        st = factorize.Stage((3, 3, 1, 64), groups=64, owns=(True, True))
+        st.kind, st.in_channels, st.params          # ('depthwise', 64, 576)
+        factorize.get_family("dsc").chain((3, 3, 64, 128), 1)   # (depthwise, pointwise)
     """
 
     shape: KernelShape

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up a virtual environment in .venv with factorize and its test extras.
+# Sets up a virtual environment in .venv with factorize and its test and docs extras.
 # Idempotent: a second run only re-checks the install. Sourced by main.sh and test.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,4 +15,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,docs]"
