@@ -1,6 +1,6 @@
 """MAC counting: the conventional formula, any JAX function's jaxpr, and XLA's own count.
 
-Conventions (DESIGN.md §2): one MAC is one multiply-accumulate, FLOPs = 2 × MACs. The
+Conventions (docs/design.md): one MAC is one multiply-accumulate, FLOPs = 2 × MACs. The
 *conventional* count (MobileNet, Howard et al. 2017, eq. 1–2) is
 ``output positions × kernel taps × in-channels-per-group × out-channels``, padding taps included.
 XLA's ``cost_analysis()`` counts only taps that land inside the input; ``count_padding=False``

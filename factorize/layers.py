@@ -135,7 +135,7 @@ class FactorizedConv(nnx.Module):
 class FactorizedLinear(FactorizedConv):
     """A dense layer ``(..., C) → (..., N)`` held as a family's chain of a 1×1 kernel.
 
-    A linear layer is a 1×1 conv (DESIGN.md §1), so ``lowrank_in`` / ``lowrank_out`` give the
+    A linear layer is a 1×1 conv (docs/design.md), so ``lowrank_in`` / ``lowrank_out`` give the
     rank-R bottleneck C→R→N and ``tucker2`` a C→R1→R2→N chain. Built by
     :meth:`from_factorized` from a ``(1, 1, C, N)`` factorization, e.g. by ``factorize.convert``.
     """
