@@ -24,7 +24,7 @@ dense conv (forward, training step) and the lowest efficiency (speed-up × MAC r
 cp3 at C = 256, 32×32.
 
 Commands (2 CPU cores; docs/benchmarks.md shows their output):
-  python3 experiments/bench_latency.py --json results/benchmarks/latency.json   # ≈ 6–8 min
+  python3 experiments/bench_latency.py --json results/benchmarks/latency_default_run.json  # ≈ 5 min
   python3 experiments/bench_latency.py --all-configs --repeats 5 \
       --json results/benchmarks/latency.json                 # three environments: ≈ 15 min
   python3 experiments/bench_latency.py --models --all-configs --repeats 5 \
