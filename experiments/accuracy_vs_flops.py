@@ -7,16 +7,23 @@ same total epochs (baseline + fine-tuning), the MobileNet way. Results are appen
 CSV, markdown table and plot are rebuilt from them. A rerun with the same ``--out`` resumes:
 finished runs are skipped, nothing written is lost.
 
+The run goes to ``runs/<dataset>/`` (git-ignored); at the end its table is printed beside the
+committed reference ``results/<dataset>/`` with a verdict (see ``compare``): identical MACs and
+parameters in every run, and every accuracy within the reference's seed-to-seed range for that
+cell or 3 test images, whichever is larger. ``--refresh-reference`` copies a finished run's
+results over the reference.
+
 Commands and expected runtimes (2 CPU cores):
 
-    python experiments/accuracy_vs_flops.py                     # digits, CNN: ≈ 4 min
-    python experiments/accuracy_vs_flops.py --dataset fashion_mnist --out results/fashion_mnist
-                                                                # Fashion-MNIST, CNN: hours
+    python experiments/accuracy_vs_flops.py                     # digits, CNN: ≈ 2–4 min
+    python experiments/accuracy_vs_flops.py --dataset fashion_mnist   # Fashion-MNIST: hours
+    python experiments/accuracy_vs_flops.py --refresh-reference # rerun, then replace results/digits
     python experiments/accuracy_vs_flops.py --quick --out /tmp/q   # tests: < 1 min
     python experiments/accuracy_vs_flops.py --rebuild --out DIR    # tables and plot only
 
-Outputs in ``--out`` (default ``results/digits``): ``results.jsonl``, ``results.csv``,
-``results.md``, ``accuracy_vs_macs.png``, and ``runs/`` (baseline checkpoints, metrics).
+Outputs in ``--out`` (default ``runs/<dataset>``, ``runs/<dataset>-quick`` with ``--quick``):
+``results.jsonl``, ``results.csv``, ``results.md``, ``accuracy_vs_macs.png``, ``sweep.json`` and
+``runs/`` (baseline checkpoints, metrics).
 """
 
 from __future__ import annotations
@@ -35,6 +42,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))  # bench_latency's timing helpers
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = ("results.jsonl", "results.csv", "results.md", "accuracy_vs_macs.png", "sweep.json")
+# The sweep settings that change results: a resumed or compared directory must match on these.
+SETTINGS = ("dataset", "model", "model_kwargs", "epochs", "finetune_epochs", "n_train", "n_test",
+            "augment")
 
 FAMILIES = ("dsc", "bsconv", "spatial", "lowrank_in", "lowrank_out", "tucker2", "cp3", "cp4")
 
@@ -193,6 +206,18 @@ def _jsonable(layers: dict) -> dict:
 # --- the sweep ---------------------------------------------------------------------------------
 
 
+def sweep_plan(sweep: Sweep) -> list[tuple]:
+    """The runs of a sweep in order: ``(kind, family, fraction, seed)``; a scratch run follows the
+    convert run whose per-layer ranks it reuses."""
+    plan: list[tuple] = []
+    for seed in sweep.seeds:
+        plan.append(("baseline", None, None, seed))
+        for fraction in sweep.fractions:
+            for family in sweep.families:
+                plan += [("convert", family, fraction, seed), ("scratch", family, fraction, seed)]
+    return plan
+
+
 def run_sweep(sweep: Sweep, out: Path) -> list[dict]:
     from tqdm.auto import tqdm
 
@@ -202,17 +227,18 @@ def run_sweep(sweep: Sweep, out: Path) -> list[dict]:
     atomic_write_json(out / "sweep.json", dataclasses.asdict(sweep))
     results = out / "results.jsonl"
     done = {r["run_id"]: r for r in read_jsonl(results)}
-    plan = []
-    for seed in sweep.seeds:
-        plan.append(("baseline", None, None, seed))
-        for fraction in sweep.fractions:
-            for family in sweep.families:
-                plan += [("convert", family, fraction, seed), ("scratch", family, fraction, seed)]
+    plan = sweep_plan(sweep)
+    have = sum(_run_id(*p) in done for p in plan)
+    if have:
+        print(f"resuming {out}: {have} of {len(plan)} runs are already in {results.name} and are "
+              f"not rerun (remove {out} or pick another --out to start afresh)", flush=True)
+    else:
+        print(f"{out}: {len(plan)} runs to train and evaluate", flush=True)
     cache: dict = {}
     common = dict(dataset=sweep.dataset, model=sweep.model)
     bar = tqdm(plan, desc="accuracy_vs_flops", unit="run")
     for kind, family, fraction, seed in bar:
-        run_id = f"{kind}/{family or 'full'}/{fraction or 1.0}/seed{seed}"
+        run_id = _run_id(kind, family, fraction, seed)
         if run_id in done:
             continue
         bar.set_postfix_str(run_id)
@@ -231,6 +257,10 @@ def run_sweep(sweep: Sweep, out: Path) -> list[dict]:
         done[run_id] = row
         tqdm.write(f"{run_id}: accuracy {row['accuracy']:.4f}, MACs {row['macs']:,}")
     return list(done.values())
+
+
+def _run_id(kind: str, family: str | None, fraction: float | None, seed: int) -> str:
+    return f"{kind}/{family or 'full'}/{fraction or 1.0}/seed{seed}"
 
 
 # --- tables and plot, rebuilt from the JSON lines ----------------------------------------------
@@ -408,6 +438,134 @@ def rebuild(out: Path) -> list[dict]:
     return rows
 
 
+# --- the run beside the committed reference ----------------------------------------------------
+
+
+TOLERANCE_IMAGES = 3
+# (kind, key in a run's row, column of the table)
+_METRICS = (("baseline", "accuracy", "baseline"),
+            ("convert", "accuracy_before_finetune", "converted"),
+            ("convert", "accuracy", "+ fine-tuned"), ("scratch", "accuracy", "from scratch"))
+
+
+def _cells(rows: list[dict]) -> dict[tuple, dict[int, float]]:
+    """(family, fraction, column) -> {seed: accuracy}: the table's cells before averaging."""
+    out: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        for kind, key, column in _METRICS:
+            if r["kind"] == kind and r.get(key) is not None:
+                out[(r["family"], r["mac_fraction"], column)][r["seed"]] = r[key]
+    return out
+
+
+def compare(rows: list[dict], reference: list[dict], n_test: int,
+            images: int = TOLERANCE_IMAGES) -> tuple[str, bool]:
+    """This run's table beside the reference's, and whether the two agree.
+
+    They agree when both hold the same runs, each run has exactly the reference's MACs and
+    parameter count, and each cell of the table (mean accuracy over seeds: baseline, converted,
+    fine-tuned, from scratch) is within tolerance of the reference's. A cell's tolerance is the
+    larger of its seed-to-seed range in the reference (max − min over seeds: two seeds differ
+    by that much, so a rerun whose arithmetic differs in the last bits may too) and ``images``
+    test images out of ``n_test``.
+
+    Returns:
+      The markdown text (side-by-side table, then the verdict and any disagreement), and the
+      verdict as a bool.
+
+    Example::
+
+        text, agree = compare(read_jsonl("runs/digits/results.jsonl"),
+                              read_jsonl("results/digits/results.jsonl"), n_test=360)
+    """
+    floor = images / n_test
+    ref_by_id = {r["run_id"]: r for r in reference}
+    run_by_id = {r["run_id"]: r for r in rows}
+    problems = []
+    missing = sorted(set(ref_by_id) - set(run_by_id))
+    extra = sorted(set(run_by_id) - set(ref_by_id))
+    if missing:
+        problems.append(f"runs in the reference only: {', '.join(missing)}")
+    if extra:
+        problems.append(f"runs in this run only: {', '.join(extra)}")
+    for run_id in sorted(set(ref_by_id) & set(run_by_id)):
+        run, ref = run_by_id[run_id], ref_by_id[run_id]
+        for key in ("macs", "params"):
+            if run[key] != ref[key]:
+                problems.append(f"{run_id}: {key} {run[key]:,} against {ref[key]:,}")
+
+    here, there = _cells(rows), _cells(reference)
+    singles = [(here.get(c, {}).get(seed), a) for c, v in there.items() for seed, a in v.items()]
+    identical = sum(got == want for got, want in singles)
+
+    def mean(cell: dict[int, float] | None) -> float | None:
+        return statistics.fmean(cell.values()) if cell else None
+
+    for cell in sorted(there, key=lambda c: (-c[1], c[0], c[2])):
+        want, got = mean(there[cell]), mean(here.get(cell))
+        tolerance = max(floor, max(there[cell].values()) - min(there[cell].values()))
+        label = f"{cell[0]} at {cell[1]:g}, {cell[2]}"
+        if got is None:
+            problems.append(f"{label}: not in this run")
+        elif abs(got - want) > tolerance + 1e-12:
+            problems.append(f"{label}: {100 * got:.2f}% against {100 * want:.2f}% "
+                            f"(tolerance ± {100 * tolerance:.2f} points)")
+
+    def pair(family: str, fraction: float, column: str) -> str:
+        key = (family, fraction, column)
+        a, b = mean(here.get(key)), mean(there.get(key))
+        return " / ".join("–" if v is None else f"{100 * v:.2f}" for v in (a, b))
+
+    macs: dict[tuple, list] = defaultdict(lambda: [None, None])
+    for i, rs in enumerate((rows, reference)):
+        for r in rs:
+            macs[(r["family"], r["mac_fraction"])][i] = r["macs"]
+    lines = [
+        "This run / the reference: accuracy (%), mean over seeds; MACs per image.",
+        "",
+        "| family | target MAC fraction | MACs | converted | + fine-tuned | from scratch |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for (family, fraction), (m_run, m_ref) in sorted(macs.items(),
+                                                      key=lambda kv: (-kv[0][1], kv[0][0])):
+        shown = [f"{m:,}" if m is not None else "–" for m in (m_run, m_ref)]
+        mac_cell = shown[0] if m_run == m_ref else " / ".join(shown)
+        if family == "full":
+            lines.append(f"| full (baseline) | 1 | {mac_cell} | – "
+                         f"| {pair(family, fraction, 'baseline')} | – |")
+            continue
+        lines.append(f"| {family} | {fraction:g} | {mac_cell} "
+                     + "".join(f"| {pair(family, fraction, c)} "
+                               for c in ("converted", "+ fine-tuned", "from scratch")) + "|")
+    rule = (f"agree means: the same runs, identical MACs and parameters in each, and every mean "
+            f"accuracy of the table within the larger of the reference's seed-to-seed range for "
+            f"that cell and {images} of the {n_test} test images ({100 * floor:.2f} points)")
+    lines.append("")
+    if problems:
+        lines.append(f"**DIFFERS from the reference** ({rule}):")
+        lines += [f"- {p}" for p in problems]
+    else:
+        lines.append(f"**AGREES with the reference**: {len(run_by_id)} runs with identical MACs "
+                     f"and parameters, every mean accuracy within tolerance ({rule}); "
+                     f"{identical} of {len(singles)} accuracies of single runs are identical.")
+    return "\n".join(lines) + "\n", not problems
+
+
+def refresh_reference(out: Path, reference: Path) -> None:
+    """Copies a finished run's outputs over the reference, each file atomically."""
+    from factorize._io import atomic_write_text
+
+    for name in OUTPUTS:
+        src, dst = out / name, reference / name
+        if name.endswith(".png"):
+            tmp = dst.with_name(f".{name}.tmp")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
+        else:
+            atomic_write_text(dst, src.read_text())
+
+
 def _enable_compilation_cache() -> None:
     """Seeds and reruns compile identical programs: let XLA reuse them (this script only)."""
     import os
@@ -424,7 +582,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digits", choices=sorted(SWEEPS))
-    parser.add_argument("--out", type=Path, default=None, help="results directory")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results directory (default runs/<dataset>, git-ignored; an "
+                             "existing one is resumed)")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="committed results to compare with (default results/<dataset>)")
+    parser.add_argument("--refresh-reference", action="store_true",
+                        help="after the run, copy its results over --reference")
     parser.add_argument("--families", help="comma-separated subset of " + ",".join(FAMILIES))
     parser.add_argument("--fractions", help="comma-separated MAC fractions, e.g. 0.5,0.25")
     parser.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
@@ -435,7 +599,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rebuild", action="store_true",
                         help="only re-render CSV, table and plot from results.jsonl")
     args = parser.parse_args(argv)
-    out = args.out or Path("results") / args.dataset
+    out = args.out or default_out(args.dataset, args.quick)
+    reference = args.reference or ROOT / "results" / args.dataset
     if args.rebuild:
         try:
             rows = rebuild(out)
@@ -463,25 +628,69 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     sweep = dataclasses.replace(sweep, **overrides)
+    clash = _settings_clash(out, sweep)
+    if clash:
+        parser.error(f"{out} holds a sweep with {clash}: resume with the same settings or pick "
+                     f"another --out")
+    same_dir = out.resolve() == reference.resolve()
+    if args.refresh_reference and same_dir:
+        parser.error(f"--refresh-reference: --out and --reference are both {out}")
     out.mkdir(parents=True, exist_ok=True)
-    previous = out / "sweep.json"
-    if previous.exists():
-        import json
-
-        old = json.loads(previous.read_text())
-        now = json.loads(json.dumps(dataclasses.asdict(sweep)))  # tuples as JSON lists
-        for key in ("dataset", "model", "model_kwargs", "epochs", "finetune_epochs", "n_train",
-                    "n_test", "augment"):
-            if old.get(key, {} if key == "model_kwargs" else None) != now[key]:
-                parser.error(f"{out} holds a sweep with {key}={old.get(key)!r}, not "
-                             f"{getattr(sweep, key)!r}: resume with the same settings or pick "
-                             f"another --out")
     _enable_compilation_cache()
+    t0 = time.perf_counter()
     run_sweep(sweep, out)
+    elapsed = time.perf_counter() - t0
     rows = rebuild(out)
     print((out / "results.md").read_text())
-    print(f"wrote {out}/results.jsonl, results.csv, results.md, accuracy_vs_macs.png")
+    print(f"wrote {out}/results.jsonl, results.csv, results.md, accuracy_vs_macs.png "
+          f"({len(rows)} runs; {elapsed:.0f} s for this invocation's sweep)")
+    if not same_dir:
+        _print_comparison(sweep, rows, reference)
+    if args.refresh_reference:
+        refresh_reference(out, reference)
+        print(f"copied {', '.join(OUTPUTS)} from {out} to {reference}")
     return rows
+
+
+def default_out(dataset: str, quick: bool = False) -> Path:
+    """``runs/<dataset>`` in the repository (git-ignored); quick sweeps get their own."""
+    return ROOT / "runs" / (f"{dataset}-quick" if quick else dataset)
+
+
+def _settings_clash(directory: Path, sweep: Sweep) -> str | None:
+    """``"key=old, not new"`` for the first result-changing setting in which the sweep saved in
+    ``directory`` differs from ``sweep``; ``None`` if they match or nothing is saved there."""
+    import json
+
+    saved = directory / "sweep.json"
+    if not saved.exists():
+        return None
+    old = json.loads(saved.read_text())
+    now = json.loads(json.dumps(dataclasses.asdict(sweep)))  # tuples as JSON lists
+    for key in SETTINGS:
+        if old.get(key, {} if key == "model_kwargs" else None) != now[key]:
+            return f"{key}={old.get(key)!r}, not {getattr(sweep, key)!r}"
+    return None
+
+
+def _print_comparison(sweep: Sweep, rows: list[dict], reference: Path) -> None:
+    from factorize._io import read_jsonl
+
+    ref_rows = read_jsonl(reference / "results.jsonl")
+    if not ref_rows:
+        print(f"no reference results in {reference}: nothing to compare with")
+        return
+    clash = _settings_clash(reference, sweep)
+    if clash:
+        print(f"not compared with {reference}: its sweep has {clash}")
+        return
+    wanted = {_run_id(*p) for p in sweep_plan(sweep)}
+    ref_rows = [r for r in ref_rows if r["run_id"] in wanted]
+    rows = [r for r in rows if r["run_id"] in wanted]
+    n_test = len(_dataset(sweep, {}).y_test)
+    text, _ = compare(rows, ref_rows, n_test)
+    print(f"\nThis run ({len(rows)} runs) beside the reference {reference}:\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ checkpoint, e.g. the Fashion-MNIST CNN's ``conv4``), a trained kernel.
 3×3 conv kernel of a ResNet-18-sized set (11.0M parameters, random kernels); with
 ``--convert``, ``factorize.convert`` does the same to the library's ResNet-18 model.
 
-Command (the README's table):
+Command (the table in docs/benchmarks.md):
 
     python experiments/bench_decompose.py --json results/benchmarks/bench_decompose.json \
         --checkpoint results/fashion_mnist/runs/baseline-seed0/checkpoint --layer conv4
@@ -186,7 +186,7 @@ def bench_row(w, kind, family, rank, shape, args) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The README's table, rebuilt from the JSON rows (``--render PATH``)."""
+    """The table of docs/benchmarks.md, rebuilt from the JSON rows (``--render PATH``)."""
     lines = ["| shape (N, C, kh, kw) | family | rank | kernel | factorize (s) | tensorly (s) "
              "| speed-up | factorize error | tensorly error | error ratio |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]

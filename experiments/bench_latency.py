@@ -9,18 +9,25 @@ Model level (``--models``): images/s, inference and training (SGD step), full vs
 ``factorize.models``' CNN and a MobileNet-style stack (MobileNet v1's channel plan where every
 block is one 3×3 conv through the conv factory: full = VGG-style, ``dsc`` rank 1 = MobileNet).
 
-Everything is measured in three environments (``CONFIGS``), each in its own subprocess
-(XLA_FLAGS and GLIBC_TUNABLES are read once per process): ``default``; ``ynn_off``, the one XLA
-flag that matters on CPU (DESIGN.md §4), ``--xla_cpu_experimental_ynn_fusion_type=`` (YNNPACK
-fusion off); ``ynn_off_thp``, that plus glibc's malloc on transparent huge pages. Reported
-speed-ups divide the *fastest* full-conv time over the settings by the fastest factorized
-time; the per-setting times and the worst per-setting (same-process) speed-ups (``*_same``)
-are in the JSON too.
+Environments (``CONFIGS``), each measured in its own subprocess (XLA_FLAGS and GLIBC_TUNABLES are
+read once per process): ``default``; ``ynn_off``, the one XLA flag that matters on CPU
+(``--xla_cpu_experimental_ynn_fusion_type=``, YNNPACK fusion off); ``ynn_off_thp``, that plus
+glibc's malloc on transparent huge pages. By default the script first times the dense conv
+alone under every environment on two shapes (``PROBE_SHAPES``) and then measures every row once,
+in the environment where the dense conv was fastest: the baseline gets its best setting.
+``--all-configs`` (or ``--configs``) measures every row in each environment instead; speed-ups
+then divide the *fastest* full-conv time over the environments by the fastest factorized time,
+and the worst per-environment (same-process) speed-ups (``*_same``) are in the JSON too.
 
-Commands (2 CPU cores; the README shows their output):
-  python3 experiments/bench_latency.py --repeats 5 \
-      --json results/benchmarks/latency.json                 # ≈ 15 min
-  python3 experiments/bench_latency.py --models --repeats 5 \
+The layer run ends with its summary: the rows at ≤ 1/4 of the MACs that are slower than the
+dense conv (forward, training step) and the lowest efficiency (speed-up × MAC ratio) of dsc and
+cp3 at C = 256, 32×32.
+
+Commands (2 CPU cores; docs/benchmarks.md shows their output):
+  python3 experiments/bench_latency.py --json results/benchmarks/latency_default_run.json  # ≈ 5 min
+  python3 experiments/bench_latency.py --all-configs --repeats 5 \
+      --json results/benchmarks/latency.json                 # three environments: ≈ 15 min
+  python3 experiments/bench_latency.py --models --all-configs --repeats 5 \
       --json results/benchmarks/latency_models.json          # ≈ 8 min
   python3 experiments/bench_latency.py --quick               # ≈ 1 min
 """
@@ -53,6 +60,8 @@ CONFIGS = {
 }
 FAMILIES = ("dsc", "bsconv", "spatial", "lowrank_in", "lowrank_out", "tucker2", "cp3", "cp4")
 TARGETS = (1 / 4, 1 / 8)
+# (C, hw) of the dense convs timed under every environment to pick the one to measure in.
+PROBE_SHAPES = ((128, 32), (256, 16))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,24 +122,58 @@ def pick_rank(family: str, shape: tuple[int, int, int, int], hw: int, target: fl
     return rank, chain_macs(fam.chain(shape, rank), hw) / conv_macs(shape, hw)
 
 
+def _layer_inputs(channels: int, hw: int, batch: int):
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.key(0), (batch, hw, hw, channels), jnp.float32)
+    ct = jax.random.normal(jax.random.key(1), (batch, hw, hw, channels), jnp.float32)
+    return x, ct
+
+
+def _fwd(value, x):
+    return value(x)
+
+
+def _train(value, x, ct):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.grad(lambda v, x: jnp.vdot(v(x), ct), argnums=(0, 1))(value, x)
+
+
+def dense_probe(shapes, batch: int, repeats: int, impl: str) -> list[dict]:
+    """The full 3×3 conv's forward and training-step times at each ``(C, hw)`` of ``shapes``."""
+    import jax
+
+    import factorize
+
+    thunks = {}
+    for channels, hw in shapes:
+        value = factorize.random_factorized(jax.random.key(0), (3, 3, channels, channels), "full")
+        x, ct = _layer_inputs(channels, hw, batch)
+        thunks[("fwd", channels, hw)] = compiled(_fwd, value, x, impl=impl)
+        thunks[("train", channels, hw)] = compiled(_train, value, x, ct, impl=impl)
+    times = median_times(thunks, repeats)
+    return [{"channels": c, "hw": hw, "batch": batch, "full_fwd_s": times[("fwd", c, hw)],
+             "full_train_s": times[("train", c, hw)]} for c, hw in shapes]
+
+
+def fastest_config(probe: dict[str, list[dict]]) -> str:
+    """The environment whose dense-conv times, forward plus training step summed over the probe
+    shapes, are lowest."""
+    return min(probe, key=lambda c: sum(r["full_fwd_s"] + r["full_train_s"] for r in probe[c]))
+
+
 def layer_group(channels: int, hw: int, batch: int, repeats: int, families, targets, impl):
     """Rows for one (C, hw): all families and targets timed interleaved with the full conv."""
     import jax
-    import jax.numpy as jnp
 
     import factorize
 
     shape = (3, 3, channels, channels)
     key = jax.random.key(0)
-    x = jax.random.normal(key, (batch, hw, hw, channels), jnp.float32)
-    ct = jax.random.normal(jax.random.key(1), (batch, hw, hw, channels), jnp.float32)
-
-    def fwd(value, x):
-        return value(x)
-
-    def train(value, x, ct):
-        return jax.grad(lambda v, x: jnp.vdot(v(x), ct), argnums=(0, 1))(value, x)
-
+    x, ct = _layer_inputs(channels, hw, batch)
     entries = {"full": factorize.random_factorized(key, shape, "full")}
     meta = {}
     for fam in families:
@@ -141,8 +184,8 @@ def layer_group(channels: int, hw: int, batch: int, repeats: int, families, targ
             meta[name] = (fam, rank, target, ratio)
     thunks = {}
     for name, value in entries.items():
-        thunks[("fwd", name)] = compiled(fwd, value, x, impl=impl)
-        thunks[("train", name)] = compiled(train, value, x, ct, impl=impl)
+        thunks[("fwd", name)] = compiled(_fwd, value, x, impl=impl)
+        thunks[("train", name)] = compiled(_train, value, x, ct, impl=impl)
     times = median_times(thunks, repeats)
     rows = []
     for name, (fam, rank, target, ratio) in meta.items():
@@ -262,6 +305,8 @@ def model_rows(repeats: int, quick: bool, impl: str):
 
 
 def worker(args) -> list[dict]:
+    if args.probe:
+        return dense_probe(args.probe_shapes, args.batch, args.repeats, args.impl)
     if args.models:
         return model_rows(args.repeats, args.quick, args.impl)
     rows = []
@@ -364,31 +409,93 @@ def print_model_table(rows: list[dict], configs: Sequence[str]) -> None:
               f"{r['train_img_s']:.0f} | {per} |")
 
 
+def print_probe_table(probe: dict[str, list[dict]], chosen: str) -> None:
+    print("Dense 3×3 conv per environment (ms, forward / training step):", file=sys.stderr)
+    for config, rows in probe.items():
+        cells = ", ".join(f"C={r['channels']} {r['hw']}²: {1e3 * r['full_fwd_s']:.1f} / "
+                          f"{1e3 * r['full_train_s']:.1f}" for r in rows)
+        mark = "  <- fastest: every row is measured here" if config == chosen else ""
+        print(f"  {config:12} {cells}{mark}", file=sys.stderr)
+
+
+def _row_label(r: dict) -> str:
+    return (f"{r['family']} rank {r['rank']}, C={r['channels']} {r['hw']}×{r['hw']}, "
+            f"MAC ratio {r['mac_ratio']:.3f}")
+
+
+def layer_summary(rows: list[dict]) -> str:
+    """Which rows at ≤ 1/4 of the MACs are slower than the dense conv (forward, training step),
+    and the lowest efficiency of dsc and cp3 at C = 256, 32×32."""
+    quarter = [r for r in rows if r["mac_ratio"] <= 0.25 + 1e-12]
+    lines = [f"Summary: {len(quarter)} rows at ≤ 1/4 of the full conv's MACs"]
+    for what, key in (("forward", "fwd_speedup"), ("training step", "train_speedup")):
+        if not quarter:
+            break
+        slow = sorted((r for r in quarter if r[key] < 1), key=lambda r: r[key])
+        if slow:
+            lines.append(f"- {what}: {len(slow)} slower than the dense conv: " + "; ".join(
+                f"{r[key]:.2f}× ({_row_label(r)})" for r in slow))
+        else:
+            worst = min(quarter, key=lambda r: r[key])
+            lines.append(f"- {what}: none slower than the dense conv (slowest "
+                         f"{worst[key]:.2f}×: {_row_label(worst)})")
+    for family in ("dsc", "cp3"):
+        sel = [r for r in rows if r["family"] == family and r["channels"] == 256 and r["hw"] == 32]
+        if not sel:
+            lines.append(f"- efficiency of {family} at C=256, 32×32: not measured in this run")
+            continue
+        worst = min(sel, key=lambda r: r["efficiency"])
+        lines.append(f"- lowest efficiency (forward speed-up × MAC ratio) of {family} at C=256, "
+                     f"32×32: {worst['efficiency']:.2f} (rank {worst['rank']}, MAC ratio "
+                     f"{worst['mac_ratio']:.3f}, {worst['fwd_speedup']:.2f}× faster)")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, help="write the merged rows here")
     p.add_argument("--quick", action="store_true", help="tiny run (tests, smoke)")
     p.add_argument("--models", action="store_true", help="whole-model images/s instead")
-    p.add_argument("--configs", default=",".join(CONFIGS),
-                   help=f"environments (XLA flags, allocator) to run, from {list(CONFIGS)}")
+    p.add_argument("--configs", default=None,
+                   help=f"environments (XLA flags, allocator) to measure every row in, from "
+                        f"{list(CONFIGS)} (default: the one where the dense conv is fastest)")
+    p.add_argument("--all-configs", action="store_true",
+                   help="measure every row in every environment (the full sweep)")
     p.add_argument("--impl", default="auto", help="conv implementation of factorized layers")
     p.add_argument("--families", nargs="+", default=list(FAMILIES))
     p.add_argument("--channels", nargs="+", type=int, default=[64, 128, 256])
     p.add_argument("--hw", nargs="+", type=int, default=[32, 16])
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.probe_shapes = PROBE_SHAPES
     if args.quick:
         args.channels, args.hw, args.batch, args.repeats = [16], [8], 4, 2
+        args.probe_shapes = ((16, 8),)
     if args.worker_out:
         args.worker_out.write_text(json.dumps(worker(args)))
         return
+    t0 = time.perf_counter()
     raw = list(sys.argv[1:] if argv is None else argv)
-    configs = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown or not configs:
-        p.error(f"--configs: expected names from {list(CONFIGS)}, got {args.configs!r}")
+    if args.configs is not None and args.all_configs:
+        p.error("--configs and --all-configs: give one of them")
+    if args.configs is not None:
+        configs = [c for c in args.configs.split(",") if c]
+        unknown = [c for c in configs if c not in CONFIGS]
+        if unknown or not configs:
+            p.error(f"--configs: expected names from {list(CONFIGS)}, got {args.configs!r}")
+    elif args.all_configs:
+        configs = list(CONFIGS)
+    else:
+        probe = {c: run_config(c, [*raw, "--probe"]) for c in CONFIGS}
+        configs = [fastest_config(probe)]
+        print_probe_table(probe, configs[0])
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.with_suffix(".probe.json").write_text(
+                json.dumps({"chosen": configs[0], "probe": probe}, indent=1))
     per_config = {
         c: run_config(c, raw, args.json.with_suffix(f".{c}.json") if args.json else None)
         for c in configs
@@ -401,6 +508,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
+    print(f"\nMeasured in {', '.join(configs)}; wall time {time.perf_counter() - t0:.0f} s.")
+    if not args.models:
+        print(layer_summary(rows))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ what the functional step saves.
     python experiments/bench_train.py --variants full dsc:1 cp3:0.25 --json results/train.json
 
 Expected runtime: about 1–2 minutes for the default (two variants × 5 repeats × 20 steps plus
-compilation) on 2 CPU cores. The numbers depend on XLA's CPU flags: §4 of DESIGN.md found
+compilation) on 2 CPU cores. The numbers depend on XLA's CPU flags: docs/benchmarks.md found
 ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`` faster for dense convs; set it in the
 environment to compare.
 """

@@ -3,7 +3,7 @@
 Three parts, all computed by the library (``conv_macs``, ``Factorized.macs``):
 
 1. The seed's example: a 6×6×3 input, five 3×3×3 filters, VALID: full conv 27·16·5 = 2160 MACs,
-   depthwise-separable 432 + 240 = 672 (DESIGN.md §3), printed with the arithmetic.
+   depthwise-separable 432 + 240 = 672 (docs/design.md), printed with the arithmetic.
 2. MobileNet's ratio (Howard et al. 2017, §3.1): dsc / full = 1/N + 1/k² at SAME, stride 1,
    against N for k = 3, 5, 7 — the library's count next to the formula
    (``cost_model_mobilenet.png``).
@@ -177,7 +177,7 @@ def render(out: Path) -> None:
 
     md = ["# Cost model: MACs, and MACs against measured time\n",
           "MAC = one multiply-accumulate (FLOPs = 2 × MACs); conventional count, padding taps "
-          "included (DESIGN.md §2).\n"]
+          "included (docs/design.md).\n"]
     if seed:
         md += ["## The seed's example\n", seed_text(seed), ""]
     if mob:

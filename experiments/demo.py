@@ -4,7 +4,7 @@
 
 Expected runtime: under 30 s on 2 CPU cores (mostly JIT compilation of the projections).
 
-Prints (1) the worked example of DESIGN.md §3 (6×6×3 input, five 3×3×3 filters, VALID: full conv
+Prints (1) the worked example of docs/design.md (6×6×3 input, five 3×3×3 filters, VALID: full conv
 2160 MACs, depthwise-separable 432 + 240 = 672) and (2) for one 3×3 layer, every family at the
 largest rank within ``--fraction`` of the full kernel's parameters: its chain, parameters, MACs
 (conventional and as ``count_macs`` traces them) and the relative error of projecting a kernel.

@@ -2,7 +2,7 @@
 
 For every conv (and linear, i.e. 1×1-on-pooled-features) layer of a trained network:
 
-- singular spectra of the unfoldings each family truncates (DESIGN.md §1): per-input-channel
+- singular spectra of the unfoldings each family truncates (docs/design.md): per-input-channel
   slices ``W[:,:,c,:]`` (kh·kw × N; ``dsc``), per-output-channel slices ``W[:,:,:,n]``
   (kh·kw × C; ``bsconv``), the mode-C and mode-N unfoldings (``lowrank_in``/``lowrank_out``,
   ``tucker2``'s two modes) and the spatial (kh·C) × (kw·N) reshape (``spatial``); for a 1×1
@@ -65,7 +65,7 @@ JSONL, CSV, MD = "separability.jsonl", "separability.csv", "separability.md"
 
 
 def unfoldings(w: np.ndarray) -> dict[str, np.ndarray]:
-    """The matrices each family truncates, as a batch ``(slices, m, n)`` (DESIGN.md §1)."""
+    """The matrices each family truncates, as a batch ``(slices, m, n)`` (docs/design.md)."""
     kh, kw, c, n = w.shape
     if kh * kw == 1:
         return {"matrix": w.reshape(c, n).T[None]}
@@ -350,7 +350,7 @@ def render(out: Path) -> None:
     md.append("\n## BSConv's question: depthwise-first (dsc) or pointwise-first (bsconv)?\n")
     md.append("For each budget, each family's largest rank within it; lower relative error wins. "
               "By MACs at the layer's real input size (a 1×1 stage before a strided spatial "
-              "stage runs at the input resolution, DESIGN.md §2), and by parameters (= MACs at "
+              "stage runs at the input resolution, docs/design.md), and by parameters (= MACs at "
               "stride 1, SAME).\n")
     summary: dict[tuple[str, str], list[dict]] = {}
     for by, title in (("mac_fraction", "MAC fraction"), ("param_fraction", "parameter fraction")):

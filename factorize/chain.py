@@ -1,13 +1,13 @@
 """A chain of linear convs: the one shared machinery behind every family.
 
 Every efficient conv block in this library is a sequence of convs with no nonlinearity in
-between (DESIGN.md §1). This module holds the three things all families share:
+between (docs/design.md). This module holds the three things all families share:
 
 * :func:`compose` — the stage kernels composed into the one full kernel ``(kh, kw, C, N)``;
 * :func:`chain_macs` / :func:`chain_params` — conventional MACs and parameter count;
 * :func:`run_chain` — the forward pass, stage by stage (never via the composed kernel).
 
-Convention (DESIGN.md §2): every spatial axis is *owned* by exactly one stage, which carries that
+Convention (docs/design.md): every spatial axis is *owned* by exactly one stage, which carries that
 axis' stride, padding and dilation; all other stages are 1-wide along it and run with stride 1
 and no padding. A 1×1 stage before the strided stage therefore runs at the input resolution.
 Because at most one stage has extent along each axis, the composed kernel is a plain product
@@ -40,6 +40,12 @@ class Stage:
       groups: ``feature_group_count`` of the conv (``in_channels`` for depthwise).
       owns: ``(owns_h, owns_w)``, whether this stage carries the stride, padding and dilation
         of the height / width axis.
+
+    Example::
+
+        st = factorize.Stage((3, 3, 1, 64), groups=64, owns=(True, True))
+        st.kind, st.in_channels, st.params          # ('depthwise', 64, 576)
+        factorize.get_family("dsc").chain((3, 3, 64, 128), 1)   # (depthwise, pointwise)
     """
 
     shape: KernelShape
@@ -121,7 +127,7 @@ def chain_macs(
     *,
     count_padding: bool = True,
 ) -> int:
-    """Conventional MACs of the chain on one ``input_hw`` image (DESIGN.md §2).
+    """Conventional MACs of the chain on one ``input_hw`` image (docs/design.md, Conventions).
 
     Each stage counts ``output positions × taps × in-channels-per-group × out-channels`` at the
     resolution it actually runs at. ``count_padding=False`` counts only taps that land inside the

@@ -1,6 +1,6 @@
 """MAC counting: the conventional formula, any JAX function's jaxpr, and XLA's own count.
 
-Conventions (DESIGN.md §2): one MAC is one multiply-accumulate, FLOPs = 2 × MACs. The
+Conventions (docs/design.md): one MAC is one multiply-accumulate, FLOPs = 2 × MACs. The
 *conventional* count (MobileNet, Howard et al. 2017, eq. 1–2) is
 ``output positions × kernel taps × in-channels-per-group × out-channels``, padding taps included.
 XLA's ``cost_analysis()`` counts only taps that land inside the input; ``count_padding=False``
@@ -53,14 +53,22 @@ def conv_macs(
     Args:
       kernel_shape: ``(kh, kw, C // groups, N)`` (HWIO).
       input_hw: input height and width (an int for square inputs).
-      strides, padding, dilation: as for ``nnx.Conv`` / ``lax.conv_general_dilated``.
+      strides: the conv's strides (an int or a pair), as for ``nnx.Conv``.
+      padding: ``"SAME"``, ``"VALID"`` or explicit ``((lo, hi), (lo, hi))`` pairs, as for
+        ``lax.conv_general_dilated``.
+      dilation: the kernel dilation (an int or a pair).
       groups: ``feature_group_count``.
       count_padding: count taps that fall on padding (the papers' convention, default) or not
         (XLA's ``cost_analysis`` convention).
       return_output_hw: also return the output's ``(height, width)``.
 
-    Example: the seed's 6×6×3 input with five 3×3×3 filters, VALID:
-    ``conv_macs((3, 3, 3, 5), 6, padding="VALID") == 27 * 16 * 5 == 2160``.
+    Example::
+
+        # a 6×6×3 input, five 3×3×3 filters, VALID: 4×4 outputs × 27 taps·channels × 5
+        factorize.conv_macs((3, 3, 3, 5), 6, padding="VALID")                       # 2160
+        factorize.conv_macs((3, 3, 3, 5), 6)                                        # 4860
+        factorize.conv_macs((3, 3, 3, 5), 6, count_padding=False)                   # 3840
+        factorize.conv_macs((3, 3, 3, 5), 6, strides=2, return_output_hw=True)      # (1215, (3, 3))
     """
     if len(kernel_shape) != 4:
         raise ValueError(f"kernel_shape must be (kh, kw, C, N), got {tuple(kernel_shape)}")
@@ -135,6 +143,15 @@ def count_macs(fn: Callable, *args, **kwargs) -> int:
 
     factorize's fast stage implementations are traced as the convolutions they compute, so
     chains count the same whichever implementation runs.
+
+    Example::
+
+        # the depthwise-separable version of five 3×3×3 filters on a 6×6×3 input, VALID:
+        # depthwise 16·9·3 = 432 plus pointwise 16·3·5 = 240
+        layer = factorize.FactorizedConv(3, 5, (3, 3), family="dsc", rank=1, padding="VALID",
+                                         use_bias=False, rngs=nnx.Rngs(0))
+        factorize.count_macs(layer, jnp.ones((1, 6, 6, 3)))                         # 672
+        factorize.count_macs(lambda a, b: a @ b, jnp.ones((4, 8)), jnp.ones((8, 3)))  # 96
     """
     from flax import nnx
 
@@ -162,6 +179,13 @@ def xla_flops(fn: Callable, *args, **kwargs) -> float:
     :func:`count_macs`, ``fn`` is traced with factorize's reference implementation, so its
     convolutions are counted as convolutions (the CPU fast path's shifted multiply-adds would
     count as elementwise work).
+
+    Example::
+
+        w = jnp.ones((3, 3, 3, 5))
+        conv = lambda x: jax.lax.conv_general_dilated(
+            x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        factorize.xla_flops(conv, jnp.ones((1, 6, 6, 3)))    # 4320.0 = 2 × 2160 MACs
     """
     from factorize import ops
 

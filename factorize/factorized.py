@@ -27,6 +27,14 @@ class Factorized:
       rank: the resolved rank (an int, a pair for ``tucker2``, ``None`` for ``full``).
       kernel_shape: the shape of the full kernel this chain equals, HWIO.
       factors: the stage kernels, HWIO with in-channels per group.
+
+    Example::
+
+        f = factorize.random_factorized(jax.random.key(0), (3, 3, 16, 32), "dsc", rank=1)
+        [x.shape for x in f.factors]     # [(3, 3, 1, 16), (1, 1, 16, 32)]
+        f.to_kernel().shape              # (3, 3, 16, 32): the full kernel it equals
+        f.macs(8), f.params              # (41984, 656): 64·(9·16 + 16·32) MACs, 9·16 + 16·32
+        f(jnp.ones((2, 8, 8, 16)), strides=2).shape     # (2, 4, 4, 32)
     """
 
     def __init__(
@@ -133,8 +141,13 @@ def decompose(
 
     Example::
 
-        f = factorize.decompose(w, "dsc", rank=1)  # MobileNet block closest to w
-        y = f(x)                                   # runs depthwise then pointwise
+        w = jax.random.normal(jax.random.key(0), (3, 3, 16, 32))     # HWIO
+        f = factorize.decompose(w, "dsc", rank=1)   # the MobileNet block closest to w
+        y = f(jnp.ones((2, 8, 8, 16)))              # runs depthwise then pointwise
+        factorize.relative_error(w, f)              # ≈ 0.88 for a random kernel
+        factorize.decompose(w, "tucker2", rank=0.25)    # within 1/4 of the parameters
+        factorize.decompose(jnp.transpose(w, (3, 2, 0, 1)), "spatial", rank=4,
+                            layout="OIHW")          # a PyTorch-ordered (N, C, kh, kw) kernel
     """
     fam = get_family(family)
     kernel = check_kernel(kernel, layout=layout)
@@ -158,13 +171,19 @@ def decompose_many(
 
     Kernels are grouped by shape; the groups run on ``workers`` threads, so one group's jit
     compilation (single-threaded, GIL released) overlaps another's ALS sweeps, and each
-    shape compiles once. The 16 3×3 kernels of a ResNet-18 (7 shapes, cp4 at 0.25,
-    ``experiments/bench_decompose.py --resnet18``) took 51.5 and 54.7 s against 63.8 s one at
-    a time on 2 quiet cores (3 and 4 workers: 60.6, 61.4 s). ``workers=1`` runs sequentially.
+    shape compiles once (docs/benchmarks.md: a ResNet-18's 3×3 convs to cp4, 2 workers
+    against 1). ``workers=1`` runs sequentially.
 
     Returns:
       The :class:`Factorized` values, in the order of ``kernels`` (identical to
       ``[decompose(k, family, rank, **options) for k in kernels]``).
+
+    Example::
+
+        kernels = [jax.random.normal(jax.random.key(i), (3, 3, 16, c)) for i, c in
+                   enumerate((16, 16, 32))]      # two shapes: two compilations, overlapped
+        fs = factorize.decompose_many(kernels, "tucker2", rank=0.25)
+        [f.rank for f in fs]                     # [(6, 6), (6, 6), (6, 12)]
     """
     kernels = [check_kernel(k, f"kernels[{i}]", layout) for i, k in enumerate(kernels)]
     jobs = [DecomposeJob(k, family, rank, options) for k in kernels]
@@ -230,7 +249,15 @@ def decompose_jobs(
 def from_factors(
     family: str, rank: RankArg, kernel_shape: Sequence[int], factors: Sequence[Any]
 ) -> Factorized:
-    """A factorized value from given stage kernels (checked against the family's chain)."""
+    """A factorized value from given stage kernels (checked against the family's chain).
+
+    Example::
+
+        reduce = jnp.ones((1, 1, 8, 4))          # 1×1 8→4
+        spatial = jnp.ones((3, 3, 4, 16))        # 3×3 4→16
+        f = factorize.from_factors("lowrank_in", 4, (3, 3, 8, 16), [reduce, spatial])
+        f.to_kernel()[0, 0, 0, 0]                # 4.0: the sum over the 4 reduced channels
+    """
     fam = get_family(family)
     shape = tuple(int(s) for s in kernel_shape)
     r = resolve_rank(fam, shape, rank)  # type: ignore[arg-type]
@@ -241,7 +268,13 @@ def random_factorized(
     key: jax.Array, kernel_shape: Sequence[int], family: str, rank: RankArg = "full",
     *, dtype: Any = jnp.float32,
 ) -> Factorized:
-    """Random factors (each stage LeCun-normal over its own fan-in), e.g. to train from scratch."""
+    """Random factors (each stage LeCun-normal over its own fan-in), e.g. to train from scratch.
+
+    Example::
+
+        f = factorize.random_factorized(jax.random.key(0), (3, 3, 64, 64), "cp3", rank=0.25)
+        f.rank, f.params / (3 * 3 * 64 * 64)     # (67, 0.249): at most 1/4 of the parameters
+    """
     fam = get_family(family)
     shape = tuple(int(s) for s in kernel_shape)
     r = resolve_rank(fam, shape, rank)
@@ -253,7 +286,14 @@ def random_factorized(
 
 
 def relative_error(kernel: Any, f: Factorized, *, layout: str = "HWIO") -> jax.Array:
-    """``‖W − f.to_kernel()‖_F / ‖W‖_F``."""
+    """``‖W − f.to_kernel()‖_F / ‖W‖_F``.
+
+    Example::
+
+        w = jax.random.normal(jax.random.key(0), (3, 3, 16, 32))
+        factorize.relative_error(w, factorize.decompose(w, "lowrank_in", rank="full"))  # ≈ 1e-6
+        factorize.relative_error(w, factorize.decompose(w, "spatial", rank=4))          # ≈ 0.89
+    """
     w = check_kernel(kernel, layout=layout)
     if tuple(w.shape) != f.kernel_shape:
         raise ValueError(

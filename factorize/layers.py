@@ -28,8 +28,10 @@ class FactorizedConv(nnx.Module):
 
     Example::
 
-        layer = FactorizedConv(64, 128, (3, 3), family="dsc", rank=1, rngs=nnx.Rngs(0))
-        y = layer(jnp.ones((8, 32, 32, 64)))
+        layer = factorize.FactorizedConv(64, 128, (3, 3), family="dsc", rank=1,
+                                         rngs=nnx.Rngs(0))
+        y = layer(jnp.ones((2, 16, 16, 64)))       # (2, 16, 16, 128)
+        layer.macs(32)                             # 32·32·(9·64 + 64·128) MACs per image
     """
 
     def __init__(
@@ -133,7 +135,7 @@ class FactorizedConv(nnx.Module):
 class FactorizedLinear(FactorizedConv):
     """A dense layer ``(..., C) → (..., N)`` held as a family's chain of a 1×1 kernel.
 
-    A linear layer is a 1×1 conv (DESIGN.md §1), so ``lowrank_in`` / ``lowrank_out`` give the
+    A linear layer is a 1×1 conv (docs/design.md), so ``lowrank_in`` / ``lowrank_out`` give the
     rank-R bottleneck C→R→N and ``tucker2`` a C→R1→R2→N chain. Built by
     :meth:`from_factorized` from a ``(1, 1, C, N)`` factorization, e.g. by ``factorize.convert``.
     """
@@ -153,5 +155,15 @@ def conv_factory(family: str = "full", rank: RankArg = "full") -> Callable[..., 
 
     ``model = make_model(..., conv=conv_factory("dsc", 1))`` builds the MobileNet version of an
     architecture; a float rank is a parameter fraction of each layer's full kernel.
+
+    Example::
+
+        from factorize.models import make_model
+
+        conv = factorize.conv_factory("dsc", 1)
+        layer = conv(16, 32, (3, 3), strides=2, rngs=nnx.Rngs(0))   # an nnx.Conv stand-in
+        layer.macs(8)                          # 16·(9·16 + 16·32) = 10496 MACs per image
+        model = make_model("cnn", num_classes=10, in_channels=1, conv=conv, rngs=nnx.Rngs(0))
+        model.conv2.family, model.conv2.rank   # ('dsc', 1)
     """
     return functools.partial(FactorizedConv, family=family, rank=rank)

@@ -3,10 +3,10 @@
 All stages of all families call :func:`conv`, so a faster implementation of a stage type
 (depthwise, pointwise, grouped) plugs in here once for every family.
 
-Why a fast path (DESIGN.md §4): on XLA:CPU a grouped conv (``feature_group_count > 1``) runs at
-~1 GFLOP/s, hundreds of times below the dense conv, and its kernel gradient is lowered as a dense
-conv. A depthwise-separable block built from it is *slower* than the full conv it replaces. So
-on CPU:
+Why a fast path (docs/design.md, "Fast paths on CPU"): on XLA:CPU a grouped conv
+(``feature_group_count > 1``) runs at ~1 GFLOP/s, hundreds of times below the dense conv, and its
+kernel gradient is lowered as a dense conv. A depthwise-separable block built from it is
+*slower* than the full conv it replaces. So on CPU:
 
 * pointwise 1×1 → pad, subsample by the stride, one matmul (``dot_general``);
 * depthwise kh×kw / kh×1 / 1×kw (any channel multiplier) and grouped convs with one output per
@@ -25,11 +25,11 @@ caches traces per implementation), for a process with the environment variable
 ``FACTORIZE_CONV_IMPLEMENTATION`` or ``jax.config.update("factorize_conv_implementation", ...)``.
 
 Note for users on CPU: ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`` (set before JAX is
-imported) makes XLA's dense and 1×1 convs faster (DESIGN.md §4). On Linux with glibc,
+imported) makes XLA's dense and 1×1 convs faster (docs/benchmarks.md). On Linux with glibc,
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (set before Python starts; needs transparent huge
 pages in "madvise" or "always" mode) puts XLA's buffers on huge pages: blocks over 32 MiB are
 otherwise fresh mmaps faulted in 4 KiB at a time on every call, which costs the cheap
-factorized layers most (README, "Speed on CPU"). This library sets neither.
+factorized layers most (docs/benchmarks.md, "The allocator"). This library sets neither.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up a virtual environment in .venv with factorize and its test extras.
+# Sets up a virtual environment in .venv with factorize and its test and docs extras.
 # Idempotent: a second run only re-checks the install. Sourced by main.sh and test.sh.
 # `setup.sh --torch` (what test.sh runs) also installs PyTorch and torchvision for the interop
 # tests; the main job does not need them.
@@ -17,7 +17,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,docs]"
 
 # PyTorch + torchvision for the interop tests only. Pinned per machine: on x86_64 the CPU-only
 # torch 2.13.0 wheel has no torchvision that loads with it ("operator torchvision::nms does not

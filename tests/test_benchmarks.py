@@ -66,3 +66,36 @@ def test_bench_latency_unknown_config_is_named(capsys):
         load("bench_latency").main(["--quick", "--configs", "default,fast_please"])
     err = capsys.readouterr().err
     assert "--configs" in err and "fast_please" in err and "ynn_off_thp" in err
+
+
+def test_bench_latency_picks_the_environment_where_the_dense_conv_is_fastest():
+    bl = load("bench_latency")
+
+    def probe(fwd, train):
+        return [{"channels": 128, "hw": 32, "full_fwd_s": fwd, "full_train_s": train},
+                {"channels": 256, "hw": 16, "full_fwd_s": fwd, "full_train_s": train}]
+
+    # default has the fastest forward pass, ynn_off the fastest sum of forward and training
+    assert bl.fastest_config({"default": probe(0.010, 0.050), "ynn_off": probe(0.012, 0.030),
+                              "ynn_off_thp": probe(0.011, 0.040)}) == "ynn_off"
+
+
+def test_bench_latency_summary_names_the_slow_rows_and_the_lowest_efficiency():
+    bl = load("bench_latency")
+
+    def row(family, rank, channels, hw, ratio, fwd, train):
+        return dict(family=family, rank=rank, channels=channels, hw=hw, mac_ratio=ratio,
+                    fwd_speedup=fwd, train_speedup=train, efficiency=fwd * ratio)
+
+    rows = [row("dsc", 1, 256, 32, 0.114, 5.0, 2.0), row("dsc", 2, 256, 32, 0.23, 3.0, 1.5),
+            row("cp3", 60, 256, 32, 0.25, 3.2, 0.9), row("cp3", 30, 256, 32, 0.125, 6.0, 1.1),
+            row("bsconv", 2, 64, 32, 0.46, 0.5, 0.5)]  # above 1/4 of the MACs: not counted
+    text = bl.layer_summary(rows)
+    assert text.splitlines()[0] == "Summary: 4 rows at ≤ 1/4 of the full conv's MACs"
+    assert ("- forward: none slower than the dense conv (slowest 3.00×: dsc rank 2, "
+            "C=256 32×32, MAC ratio 0.230)") in text
+    assert ("- training step: 1 slower than the dense conv: 0.90× (cp3 rank 60, C=256 32×32, "
+            "MAC ratio 0.250)") in text
+    assert "of dsc at C=256, 32×32: 0.57 (rank 1, MAC ratio 0.114, 5.00× faster)" in text
+    assert "of cp3 at C=256, 32×32: 0.75 (rank 30, MAC ratio 0.125, 6.00× faster)" in text
+    assert "not measured in this run" in bl.layer_summary(rows[-1:])

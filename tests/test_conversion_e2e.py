@@ -16,7 +16,7 @@ from factorize.training import evaluate, fit, get_config
 
 FAMILIES = [f for f in fz.FAMILIES if f != "full"]
 FRACTION = 0.3
-# bsconv's pointwise stage runs before the stride (DESIGN.md §2): on the CNN's stride-2 convs
+# bsconv's pointwise stage runs before the stride (docs/design.md): on the CNN's stride-2 convs
 # its rank 1 already costs 0.46 of the MACs
 FRACTIONS = {"bsconv": 0.5}
 

@@ -222,7 +222,7 @@ def test_oihw_layout_is_pytorch_order():
     np.testing.assert_allclose(a.to_kernel(), b.to_kernel(), atol=1e-6)
 
 
-# --- worked numbers (DESIGN.md §3) ---------------------------------------------------------------
+# --- worked numbers (docs/design.md) -----------------------------------------------------
 
 
 def test_seed_example_macs():

@@ -99,6 +99,12 @@ def evbmf(matrix: Any, sigma2: float | None = None) -> tuple[int, float]:
 
     Returns:
       ``(rank, sigma2)``; ``rank`` may be 0 (pure noise).
+
+    Example::
+
+        rng = np.random.default_rng(0)
+        signal = rng.normal(size=(40, 3)) @ rng.normal(size=(3, 60))   # rank 3
+        factorize.evbmf(signal + 0.1 * rng.normal(size=(40, 60)))      # (3, ≈ 0.0099 = 0.1²)
     """
     y = np.asarray(matrix, dtype=np.float64)
     if y.ndim != 2 or min(y.shape) < 1:
@@ -195,6 +201,14 @@ def select_rank(
     Returns:
       The rank: an int, or ``(R1, R2)`` for ``tucker2``. See the module docstring for what each
       criterion gives on typical kernels.
+
+    Example::
+
+        w = jax.random.normal(jax.random.key(0), (3, 3, 16, 32))
+        factorize.select_rank(w, "tucker2", energy=0.9)                # (14, 25)
+        factorize.select_rank(w, "lowrank_out", params_fraction=0.25)  # 6
+        factorize.select_rank(w, "dsc", macs_fraction=0.25, input_hw=32)   # 1
+        factorize.select_rank(w, "tucker2")      # EVBMF: (1, 1), a random kernel is noise
     """
     fam = get_family(family)
     w = check_kernel(kernel, layout=layout)

@@ -33,6 +33,14 @@ def to_tensorly(f: Factorized) -> Any:
 
     ``tl.cp_to_tensor`` / ``tl.tucker_to_tensor`` of the result is the kernel in
     ``(C, N, kh, kw)`` order (``(C, N, kh·kw)`` for cp3), i.e. ``f.to_kernel()`` transposed.
+
+    Example::
+
+        import tensorly as tl
+
+        w = jax.random.normal(jax.random.key(0), (3, 3, 16, 32))
+        t = factorize.to_tensorly(factorize.decompose(w, "tucker2", rank=(8, 8)))
+        tl.tucker_to_tensor(t).shape             # (16, 32, 3, 3)
     """
     tl = _tensorly()
     kh, kw, c, n = f.kernel_shape
@@ -62,6 +70,15 @@ def from_tensorly(value: Any, family: str, kernel_shape: tuple[int, int, int, in
     factors)`` tuple) in the mode order of :func:`to_tensorly` as a :class:`Factorized` value.
 
     CP weights are folded into the last stage; ``kernel_shape`` is HWIO ``(kh, kw, C, N)``.
+
+    Example::
+
+        import tensorly as tl
+
+        w = jax.random.normal(jax.random.key(0), (3, 3, 16, 32))
+        cp = tl.decomposition.parafac(np.asarray(w).transpose(2, 3, 0, 1), 8, n_iter_max=20,
+                                      init="random", random_state=0)
+        f = factorize.from_tensorly(cp, "cp4", w.shape)   # 1×1, 3×1, 1×3, 1×1 stages, rank 8
     """
     kh, kw, c, n = (int(s) for s in kernel_shape)
     try:

@@ -10,10 +10,25 @@ REGISTRY: dict[str, Family] = {
     f.name: f for f in (FULL, DSC, BSCONV, SPATIAL, LOWRANK_IN, LOWRANK_OUT, TUCKER2, CP3, CP4)
 }
 FAMILIES: tuple[str, ...] = tuple(REGISTRY)
+"""The family names, in table order: ``full``, ``dsc``, ``bsconv``, ``spatial``, ``lowrank_in``,
+``lowrank_out``, ``tucker2``, ``cp3``, ``cp4``.
+
+Example::
+
+    for name in factorize.FAMILIES:
+        print(f"{name:12} {factorize.get_family(name).summary}")
+"""
 
 
 def get_family(name: str) -> Family:
-    """The family called ``name``; the error lists the valid names."""
+    """The family called ``name``; the error lists the valid names.
+
+    Example::
+
+        fam = factorize.get_family("dsc")
+        fam.summary                      # 'depthwise kh×kw C→C·r, 1×1 C·r→N (MobileNet; ...)'
+        fam.max_rank((3, 3, 16, 32))     # 9: the depth multiplier at which dsc is exact
+    """
     try:
         return REGISTRY[name]
     except (KeyError, TypeError):

@@ -33,6 +33,13 @@ class Family(NamedTuple):
       project: ``(kernel, rank, **options) -> (factors, info)``, the best (or a good) fit.
       rank_path: the ranks in increasing size, for turning a parameter fraction into a rank.
       summary: one line for tables and ``--help``.
+
+    Example::
+
+        fam = factorize.get_family("cp4")
+        fam.chain((3, 3, 64, 64), 16)    # 1×1 64→16, depthwise 3×1, depthwise 1×3, 1×1 16→64
+        fam.max_rank((3, 3, 64, 64))     # 576
+        fam.exact_rank((3, 3, 64, 64))   # None: no closed-form exact CP rank
     """
 
     name: str

@@ -52,7 +52,7 @@ class TrainConfig:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
 
 
-# Defaults per (dataset, model) that reach the README's accuracies; overrides win.
+# Defaults per (dataset, model) that reach the accuracies in docs/experiments.md; overrides win.
 _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("digits", "cnn"): dict(epochs=20, batch_size=64, learning_rate=3e-3),
     # Four convs (an extra stride-1 conv at 7×7 widens the receptive field before the global
