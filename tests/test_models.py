@@ -151,9 +151,11 @@ def test_mobilenet_factory_routes_pointwise_only():
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(ValueError, match="cnn, resnet18, mobilenet"):
+    with pytest.raises(ValueError, match="unknown model 'vgg'") as err:
         make_model("vgg", num_classes=10, in_channels=3, rngs=nnx.Rngs(0))
-    assert set(MODELS) == {"cnn", "resnet18", "mobilenet"}
+    assert {"cnn", "resnet18", "mobilenet", "tv_resnet18", "tv_mobilenet_v2"} <= set(MODELS)
+    listed = str(err.value).split("valid names: ")[1].split(", ")
+    assert listed == list(MODELS)
 
 
 SMALL = {

@@ -28,7 +28,7 @@ class DepthwiseSeparable(nnx.Module):
     def __init__(self, cin: int, cout: int, stride: int, *, conv: Callable, rngs: nnx.Rngs):
         # The depthwise conv is part of the architecture, already structured: not factorizable.
         # It runs through factorize.ops (shifted multiply-adds on CPU; XLA's grouped conv is
-        # hundreds of times slower there, DESIGN.md §4).
+        # hundreds of times slower there, docs/design.md, "Fast paths on CPU").
         self.depthwise = nnx.Conv(
             cin, cin, (3, 3), strides=stride, feature_group_count=cin, use_bias=False,
             conv_general_dilated=ops.conv_general_dilated, rngs=rngs,

@@ -21,7 +21,7 @@ fine-tuning these models here runs without it.
 Every factorizable conv goes through the ``conv`` factory (``nnx.Conv``'s signature), as in the
 other models of this package, so the same architecture is built full or factorized. MobileNetV2's
 depthwise convs stay grouped ``nnx.Conv`` run through :func:`factorize.ops.conv_general_dilated`
-(XLA's grouped conv is hundreds of times slower on CPU, DESIGN.md §4).
+(XLA's grouped conv is hundreds of times slower on CPU, docs/design.md, "Fast paths on CPU").
 
 :func:`torch_layers` maps each model's layers to torchvision's state-dict prefixes
 (``"layer1.0.downsample.0"``), which import and export share.
