@@ -43,10 +43,13 @@ def candidate_layers(model: nnx.Module) -> dict[str, nnx.Module]:
 
 
 class _Log:
-    """Input shapes by layer path (an identity-hashed object, so NNX keeps it as static)."""
+    """Input shapes (and, while collecting statistics, inputs) by layer path (an
+    identity-hashed object, so NNX keeps it as static)."""
 
     def __init__(self):
         self.shapes: dict[str, tuple[int, ...]] = {}
+        # set to a dict to also catch the inputs themselves (calibration statistics)
+        self.inputs: dict[str, Any] | None = None
 
 
 class _Probe(nnx.Module):
@@ -57,6 +60,8 @@ class _Probe(nnx.Module):
 
     def __call__(self, x, *args, **kwargs):
         self.log.shapes.setdefault(self.path, tuple(x.shape))
+        if self.log.inputs is not None:
+            self.log.inputs.setdefault(self.path, x)
         return self.inner(x, *args, **kwargs)
 
 
