@@ -19,8 +19,16 @@ Command (the figure in docs/data_aware.md):
     python experiments/bench_calibration.py --checkpoint /work/jobs/fm-cnn-seed0/checkpoint \\
         --families cp3 --json results/benchmarks/calibration.json
 
-Expected runtime: about 1.5 minutes per family on 2 CPU cores (four conversions, the first
-with compilation, plus two test-set evaluations).
+The accuracy table of docs/data_aware.md (every family, both reconstructions, one call each):
+
+    for r in symmetric asymmetric; do python experiments/bench_calibration.py \
+        --checkpoint /work/jobs/fm-cnn-seed0/checkpoint --repeats 0 --reconstruction $r \
+        --families dsc,bsconv,spatial,lowrank_in,lowrank_out,tucker2,cp3,cp4 \
+        --json results/fashion_mnist/data_aware_$r.json; done
+
+Expected runtime on 2 CPU cores: about 1 minute per family with the default 3 repeats (four
+conversions, the first with compilation, plus two test-set evaluations); 20–40 s per family
+with ``--repeats 0``.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import factorize as fz
 from factorize import data
 from factorize._io import atomic_write_json
 from factorize.conversion import Policy, collect_input_stats, convert, layer_builder
+from factorize.families.data_aware import DEFAULT_DAMP, DEFAULT_SWEEPS
 from factorize.training import checkpoint, evaluate
 
 
@@ -49,7 +58,7 @@ def _timed(fn):
 
 
 def bench_family(model, ds, image_shape, family: str, calib: np.ndarray, *, macs: float,
-                 reconstruction: str, repeats: int) -> dict:
+                 reconstruction: str, repeats: int, fit: dict) -> dict:
     policy = Policy.uniform(family, macs=macs, skip="^conv1$", on_infeasible="keep")
     sample = jnp.zeros((1, *image_shape))
     stats_times, convert_times = [], []
@@ -58,10 +67,10 @@ def bench_family(model, ds, image_shape, family: str, calib: np.ndarray, *, macs
     for i in range(repeats + 1):
         _, t_stats = _timed(lambda: collect_input_stats(model, calib))
         (converted, report), t_conv = _timed(lambda: convert(
-            model, policy, sample, calibration=calib, reconstruction=reconstruction))
+            model, policy, sample, calibration=calib, reconstruction=reconstruction, **fit))
         if i == 0:
             first_convert = t_conv
-        else:
+        if i > 0 or repeats == 0:  # --repeats 0: one call, compilation included
             stats_times.append(t_stats)
             convert_times.append(t_conv)
     free, _ = convert(model, policy, sample)
@@ -75,6 +84,7 @@ def bench_family(model, ds, image_shape, family: str, calib: np.ndarray, *, macs
         "convert_s": statistics.median(convert_times),
         "convert_first_call_s": first_convert,
         "repeats": repeats,
+        **fit,
         "accuracy_data_free": evaluate(free, ds.x_test, ds.y_test)["accuracy"],
         "accuracy_data_aware": evaluate(converted, ds.x_test, ds.y_test)["accuracy"],
         "output_errors": {r.path: r.output_error for r in report.converted},
@@ -89,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reconstruction", choices=("symmetric", "asymmetric"),
                    default="asymmetric")
     p.add_argument("--macs", type=float, default=0.25)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed repeats after the first call (0: the first call only, for the "
+                        "accuracy table)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
+    p.add_argument("--damp", type=float, default=DEFAULT_DAMP, help="convert's damp")
+    p.add_argument("--refine", type=int, default=DEFAULT_SWEEPS, help="convert's refine sweeps")
     p.add_argument("--json", help="write the rows here (replaced atomically)")
     args = p.parse_args(argv)
     families = [f.strip() for f in args.families.split(",")]
@@ -111,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for family in families:
         r = bench_family(model, ds, md["image_shape"], family, calib, macs=args.macs,
-                         reconstruction=args.reconstruction, repeats=args.repeats)
+                         reconstruction=args.reconstruction, repeats=args.repeats,
+                         fit={"damp": args.damp, "refine": args.refine})
         rows.append(r)
         print(f"| {family} | {r['stats_s']:.2f} | {r['convert_s']:.2f} "
               f"| {r['convert_first_call_s']:.2f} | {r['conv_mac_ratio']:.3f} "
