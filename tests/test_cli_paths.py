@@ -148,3 +148,21 @@ def test_decompose_json(tmp_path, capsys):
     assert res["kernel_params"] == w.size and res["params"] == 4 * 9 + 4 * 6
     with np.load(tmp_path / "f.npz") as f:
         assert sorted(f.files) == sorted([*res["keys"], "meta"])
+
+
+def test_docs_cli_lists_every_command_and_option():
+    """docs/cli.md documents each command's every option (a new flag needs its row)."""
+    from pathlib import Path
+
+    from factorize.cli import COMMANDS, build_parser
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, parser in sub.choices.items():
+        assert f"### `factorize {name}" in text, name
+        section = text.split(f"### `factorize {name}", 1)[1].split("\n### ", 1)[0]
+        flags = [o for a in parser._actions for o in a.option_strings
+                 if o.startswith("--") and o not in ("--help", "--json")]
+        missing = [f for f in flags if f"`{f}" not in section]
+        assert not missing, f"docs/cli.md, factorize {name}: undocumented {missing}"
+    assert set(sub.choices) == set(COMMANDS)

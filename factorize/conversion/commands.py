@@ -198,7 +198,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.checkpoint}: checkpoint metadata lacks image_shape")
     rows = inspect_model(model, image_shape, families, fractions)
     emit(args, *inspect_summary(rows, families, fractions, model=model, name=meta["spec"].model,
-                                source=ckpt.absolute(), image_shape=image_shape,
+                                source=ckpt, image_shape=image_shape,
                                 per_layer=args.per_layer))
     return 0
 
