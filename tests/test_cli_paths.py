@@ -166,3 +166,21 @@ def test_docs_cli_lists_every_command_and_option():
         missing = [f for f in flags if f"`{f}" not in section]
         assert not missing, f"docs/cli.md, factorize {name}: undocumented {missing}"
     assert set(sub.choices) == set(COMMANDS)
+
+
+def test_json_stdout_is_only_the_object_in_a_real_process():
+    """`python -m factorize`, real stdout and stderr (orbax's and JAX's logging included):
+    stdout is the JSON line alone. (In-process, the tests above check that progress bars and
+    per-epoch lines of train go to stderr under --json.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "factorize", "eval", "zoo:digits-cnn", "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 1
+    assert json.loads(proc.stdout)["accuracy"] == zoo.info("digits-cnn")["test_accuracy"]

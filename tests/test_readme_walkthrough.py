@@ -149,6 +149,7 @@ def test_no_readme_command_is_untested():
             assert (ROOT / path).exists(), path
 
 
+@pytest.mark.slow  # ~18 s CPU: the quick start's CP-ALS and cp3 conversion compile once each
 def test_readme_python_quick_start_runs():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
     assert blocks, "the README's quick start is a ```python block"
