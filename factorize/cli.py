@@ -120,7 +120,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from factorize.data import DATASETS
     from factorize.models import MODELS
     from factorize.training import get_config, train_and_evaluate
-    from factorize.training.checkpoint import resolve_checkpoint
+    from factorize.training.checkpoint import CheckpointError, resolve_checkpoint
 
     # Validate names before touching the disk: bad input leaves nothing behind.
     if args.dataset not in DATASETS:
@@ -130,7 +130,10 @@ def _run_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} already exists and is not empty; choose a new one")
-    init = resolve_checkpoint(args.init).absolute() if args.init else None
+    try:
+        init = resolve_checkpoint(args.init).absolute() if args.init else None
+    except CheckpointError as e:
+        raise CheckpointError(f"--init: {e}") from None
     if args.family is None and args.rank != "full":
         raise ValueError("--rank needs --family (e.g. --family dsc --rank 1)")
     family = None if args.family in (None, "full") and args.rank == "full" else args.family

@@ -53,6 +53,8 @@ def test_resolver_forms(run, tmp_path):
     (["convert", "{empty}", "--family", "dsc", "--out", "{out}"], "not a factorize checkpoint"),
     (["export", "{empty}", "--to", "torch", "--out", "{out}"], "not a factorize checkpoint"),
     (["eval", "zoo:nope", "--json"], "unknown zoo model 'nope'"),
+    (["train", "--dataset", "digits", "--model", "cnn", "--init", "{empty}", "--out", "{out}"],
+     "--init: {empty}: not a factorize checkpoint"),
 ])
 def test_wrong_directory_is_one_line(tmp_path, capsys, argv, needle):
     empty = tmp_path / "empty"
