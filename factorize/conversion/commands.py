@@ -34,6 +34,17 @@ def add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rules", help="JSON rules file (see factorize.conversion.Policy)")
     p.add_argument("--workers", type=int, default=2,
                    help="threads decomposing the layers (grouped by kernel shape; 1: in order)")
+    p.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="data-aware conversion: fit each layer's output error on N training "
+                        "images of the checkpoint's dataset (a seeded subset; default 0: "
+                        "data-free)")
+    p.add_argument("--reconstruction", choices=("symmetric", "asymmetric"),
+                   default="asymmetric",
+                   help="with --calibrate: fit each layer to the original network's outputs "
+                        "given the converted network's inputs (asymmetric, default) or to its "
+                        "own (symmetric)")
+    p.add_argument("--calibration-seed", type=int, default=0,
+                   help="seed of the calibration subset")
     p.add_argument("--finetune-epochs", type=int, default=0)
     p.add_argument("--freeze-factors", action="store_true",
                    help="fine-tune everything but the factors")
@@ -82,8 +93,13 @@ def run_convert(args: argparse.Namespace) -> int:
     dataset = args.dataset or metadata.get("dataset")
     if image_shape is None:
         raise ValueError(f"{args.checkpoint}: checkpoint metadata lacks image_shape")
+    calibration = None
+    if args.calibrate:
+        calibration = _calibration_images(args.calibrate, dataset, args.data_dir,
+                                          args.calibration_seed)
     converted, report = convert(model, policy, jnp.zeros((1, *image_shape)), progress=True,
-                                workers=args.workers)
+                                workers=args.workers, calibration=calibration,
+                                reconstruction=args.reconstruction)
     if not report.converted:
         what = f"rules file {args.rules!r}" if args.rules else "the policy"
         raise ValueError(f"{what} matched no convertible layer; layers: "
@@ -100,12 +116,15 @@ def run_convert(args: argparse.Namespace) -> int:
         result = finetune(converted, ds, config, freeze_factors=args.freeze_factors)
         extra = {k: result[k] for k in ("accuracy_before", "accuracy_after", "freeze_factors")}
     spec = meta["spec"]
+    calibrated = {} if calibration is None else {"calibration": {
+        "images": len(calibration), "split": "train", "seed": args.calibration_seed,
+        "reconstruction": args.reconstruction}}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         report.save(tmp)
         checkpoint.save(tmp / "checkpoint", converted, spec, metadata={
             **metadata, "converted_from": os.path.abspath(ckpt),
-            "policy": policy.to_dict(), "mac_ratio": report.mac_ratio, **extra,
+            "policy": policy.to_dict(), "mac_ratio": report.mac_ratio, **extra, **calibrated,
         })
         if extra:
             (tmp / "finetune.json").write_text(json.dumps(extra, indent=2) + "\n")
@@ -113,8 +132,25 @@ def run_convert(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    emit(args, *convert_summary(report, out, source=ckpt.absolute(), extra=extra))
+    emit(args, *convert_summary(report, out, source=ckpt.absolute(),
+                                extra={**extra, **calibrated}))
     return 0
+
+
+def _calibration_images(n: int, dataset: str | None, data_dir: str | None,
+                        seed: int) -> np.ndarray:
+    """``n`` training images of ``dataset``, a subset drawn with ``seed``."""
+    from factorize import data
+
+    if n < 0:
+        raise ValueError(f"--calibrate must be a number of images >= 1, got {n}")
+    if not dataset:
+        raise ValueError("--calibrate needs --dataset (the checkpoint names none)")
+    x = data.load(dataset, data_dir=data_dir).x_train
+    if n > len(x):
+        raise ValueError(f"--calibrate {n}: the {dataset} training split has only {len(x)} "
+                         f"images")
+    return x[np.sort(np.random.default_rng(seed).permutation(len(x))[:n])]
 
 
 # --------------------------------------------------------------------------------- inspect
