@@ -8,6 +8,7 @@ package expresses every such block as exact factors of a full kernel (``decompos
 """
 
 from factorize.chain import Stage
+from factorize.conversion.calibration import InputStats, collect_input_stats  # noqa: E402, I001
 from factorize.costs import conv_macs, count_macs, xla_flops
 from factorize.decompositions.rank import evbmf, select_rank
 from factorize.decompositions.tensorly_interop import from_tensorly, to_tensorly
@@ -27,7 +28,9 @@ __all__ = [
     "Factorized",
     "FactorizedConv",
     "Family",
+    "InputStats",
     "Stage",
+    "collect_input_stats",
     "conv_factory",
     "conv_macs",
     "count_macs",

@@ -9,11 +9,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from factorize import chain as chain_lib
 from factorize._checks import Padding, check_kernel
 from factorize.chain import Chain, KernelShape
 from factorize.families import Rank, RankArg, get_family, resolve_rank
+from factorize.families.data_aware import DEFAULT_DAMP, DEFAULT_SWEEPS
 
 
 @jax.tree_util.register_pytree_node_class
@@ -122,9 +124,24 @@ def decompose(
     *,
     layout: str = "HWIO",
     return_info: bool = False,
+    inputs: Any = None,
+    damp: float = DEFAULT_DAMP,
+    refine: int = DEFAULT_SWEEPS,
+    centered: bool = False,
+    strides: int | Sequence[int] = 1,
+    padding: Padding = "SAME",
+    dilation: int | Sequence[int] = 1,
     **options: Any,
 ) -> Factorized | tuple[Factorized, dict[str, Any]]:
     """Projects a conv kernel onto a family: the factorized conv closest to it.
+
+    Closest in kernel error ``‖W − Ŵ‖_F`` (data-free), or, given the layer's ``inputs``, in
+    output error ``E‖(W − Ŵ)ᵀ p‖² = tr((W − Ŵ)ᵀ S (W − Ŵ))`` over its input patches ``p``
+    (data-aware; ``factorize.families.data_aware`` and docs/data_aware.md): the better of the
+    data-free projection and the family's whitened closed form, then ``refine`` sweeps of
+    block-coordinate descent on the output error. Statistics with a reference
+    (``InputStats.asymmetric``) fit the reference layer's response ``Wᵀ p_ref`` from this
+    layer's inputs ``p`` (asymmetric reconstruction, Zhang et al. TPAMI 2016, Sec. 3.3).
 
     Args:
       kernel: ``(kh, kw, C, N)`` (HWIO, Flax's layout) or ``(N, C, kh, kw)`` with
@@ -134,6 +151,14 @@ def decompose(
         rank with at most that fraction of the full kernel's parameters — or ``"full"``, the
         smallest rank at which the family is exact.
       return_info: also return the projection's diagnostics (e.g. an error history).
+      inputs: ``None`` (data-free), a ``factorize.InputStats`` of the layer's input patches
+        (its ``patch_size`` must be ``kh·kw·C``), or a raw NHWC input batch, read with
+        ``strides``, ``padding`` and ``dilation`` (the layer's geometry; used only then).
+      damp: data-aware only: the ridge ``S + damp · mean(diag S) · I`` (default 1e-2).
+      refine: data-aware only: block-coordinate-descent sweeps after the initialisation
+        (default 10; 0: the initialisation alone).
+      centered: data-aware only: fit the covariance instead of the uncentered second moment,
+        for a layer whose bias is refitted to absorb the mean error.
       **options: family-specific projection options (e.g. ``n_iter`` for CP).
 
     Returns:
@@ -148,14 +173,58 @@ def decompose(
         factorize.decompose(w, "tucker2", rank=0.25)    # within 1/4 of the parameters
         factorize.decompose(jnp.transpose(w, (3, 2, 0, 1)), "spatial", rank=4,
                             layout="OIHW")          # a PyTorch-ordered (N, C, kh, kw) kernel
+        x = jax.random.normal(jax.random.key(1), (8, 8, 8, 16))     # the layer's inputs
+        g = factorize.decompose(w, "dsc", rank=1, inputs=x)         # fit to the outputs
     """
     fam = get_family(family)
     kernel = check_kernel(kernel, layout=layout)
     shape = tuple(int(s) for s in kernel.shape)
     r = resolve_rank(fam, shape, rank)
-    factors, info = fam.project(kernel, r, **options)
+    if inputs is None:
+        factors, info = fam.project(kernel, r, **options)
+    else:
+        factors, info = _data_aware(kernel, fam, r, inputs, damp=damp, refine=refine,
+                                    centered=centered, geometry=(strides, padding, dilation),
+                                    options=options)
     out = Factorized(fam.name, r, shape, factors)
     return (out, info) if return_info else out
+
+
+def _data_aware(kernel, fam, rank, inputs, *, damp, refine, centered, geometry, options):
+    """The data-aware fit of ``decompose``: statistics checked, ``(S, target)`` built."""
+    from factorize.conversion.calibration import InputStats, output_error
+    from factorize.families import data_aware
+
+    shape = tuple(int(s) for s in kernel.shape)
+    if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp > 0 \
+            or not np.isfinite(damp):
+        raise ValueError(f"damp must be a float > 0, got {damp!r}")
+    if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)) or refine < 0:
+        raise ValueError(f"refine must be an int >= 0 (sweeps), got {refine!r}")
+    if not isinstance(inputs, InputStats):
+        strides, padding, dilation = geometry
+        inputs = InputStats.from_inputs(inputs, shape, strides=strides, padding=padding,
+                                        dilation=dilation)
+    p = shape[0] * shape[1] * shape[2]
+    if inputs.patch_size != p or tuple(inputs.second.shape) != (p, p):
+        raise ValueError(
+            f"inputs: statistics of patch length {inputs.patch_size} do not fit a kernel "
+            f"{shape}, whose patches have kh·kw·C = {p} entries")
+    if not all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(inputs)):
+        raise ValueError("inputs: the statistics have NaN/Inf entries")
+    w = kernel.astype(jnp.float32)
+    s_hh, s_hx, _ = inputs.moments(centered)
+    s = data_aware.damped(s_hh, float(damp))
+    if inputs.asymmetric:  # W* = S_hh⁻¹ S_hx W (Zhang et al. 2016, Sec. 3.3), damped
+        target = jnp.linalg.solve(s, s_hx @ w.reshape(p, -1)).reshape(shape)
+    else:
+        target = w
+    factors, info = data_aware.fit(w, fam, rank, s, target, sweeps=int(refine),
+                                   options=options)
+    approx = chain_lib.compose(fam.chain(shape, rank), factors)
+    info["output_error"] = float(output_error(w, approx, inputs, centered=centered))
+    factors = tuple(f.astype(kernel.dtype) for f in factors)
+    return factors, info
 
 
 def decompose_many(

@@ -148,6 +148,41 @@ def data_free_projection(options: Mapping[str, Mapping[str, Any]] | None = None)
     return project
 
 
+def data_aware_projection(
+    model: nnx.Module,
+    calibration: Any,
+    paths: Sequence[str],
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    **fit: Any,
+) -> Projection:
+    """``decompose(kernel, family, rank, inputs=stats[path])``: each candidate fitted to the
+    layer's output error on ``calibration`` (symmetric statistics of the original network).
+
+    With one layer converted at a time its inputs are the original network's, so the
+    asymmetric fit of that layer is this symmetric one: the curves serve both modes. ``fit``
+    goes to ``decompose`` (``damp``, ``refine``).
+    """
+    from factorize.conversion.calibration import collect_input_stats
+    from factorize.factorized import decompose
+
+    batches = [calibration] if not isinstance(calibration, (list, tuple)) else calibration
+    stats = collect_input_stats(model, batches, list(paths))
+    convs = _convs(model)
+    opts = {k: dict(v) for k, v in (options or {}).items()}
+    n = sum(len(b) for b in batches)
+    digest = hashlib.sha256(b"".join(np.asarray(b).tobytes() for b in batches)).hexdigest()
+
+    def project(path: str, kernel: jax.Array, family: str, rank: Rank) -> jax.Array:
+        centered = convs[path].bias is not None
+        return decompose(kernel, family, rank, inputs=stats[path], centered=centered,
+                         **opts.get(family, {}), **fit).to_kernel()
+
+    project.name = (f"data-aware:{n}:{digest[:12]}" + (f":{json.dumps(fit, sort_keys=True)}"
+                    if fit else "") + (f":{json.dumps(opts, sort_keys=True)}" if opts else ""))
+    project.stats = stats
+    return project
+
+
 class Scorer:
     """``scorer(path, kernel_hat)``: the loss of the model with the kernel at ``path`` replaced by
     ``kernel_hat`` (every other layer as in ``context``). Lower is better. ``name`` identifies the
@@ -182,6 +217,30 @@ class kernel_error_scorer(Scorer):
     def __call__(self, path: str, kernel_hat: jax.Array) -> float:
         w = self.kernels[path]
         return float(jnp.linalg.norm(w - kernel_hat) / jnp.linalg.norm(w))
+
+
+class output_error_scorer(Scorer):
+    """Relative output error E‖Wᵀx − Ŵᵀx‖² / E‖Wᵀx‖² on calibration statistics
+    (``factorize.conversion.calibration.output_error``): the cheap data-aware proxy.
+
+    Example::
+
+        from factorize.conversion.allocation import output_error_scorer
+        from factorize.conversion.calibration import InputStats
+        x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+        w = jax.random.normal(jax.random.key(1), (3, 3, 3, 16))
+        score = output_error_scorer({"conv": w}, {"conv": InputStats.from_inputs(x, w.shape)})
+        score("conv", w)                     # 0.0
+    """
+
+    def __init__(self, kernels: Mapping[str, jax.Array], stats: Mapping[str, Any]):
+        self.kernels, self.stats = dict(kernels), dict(stats)
+        self.name = "output_error"
+
+    def __call__(self, path: str, kernel_hat: jax.Array) -> float:
+        from factorize.conversion.calibration import output_error
+
+        return float(output_error(self.kernels[path], kernel_hat, self.stats[path]))
 
 
 class eval_scorer(Scorer):

@@ -48,6 +48,17 @@ def add_convert(p: argparse.ArgumentParser) -> None:
                    help="with --budget: JSON file of per-layer scores, read and extended")
     p.add_argument("--workers", type=int, default=2,
                    help="threads decomposing the layers (grouped by kernel shape; 1: in order)")
+    p.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="data-aware conversion: fit each layer's output error on N training "
+                        "images of the checkpoint's dataset (a seeded subset; default 0: "
+                        "data-free)")
+    p.add_argument("--reconstruction", choices=("symmetric", "asymmetric"),
+                   default="asymmetric",
+                   help="with --calibrate: fit each layer to the original network's outputs "
+                        "given the converted network's inputs (asymmetric, default) or to its "
+                        "own (symmetric)")
+    p.add_argument("--calibration-seed", type=int, default=0,
+                   help="seed of the calibration subset")
     p.add_argument("--finetune-epochs", type=int, default=0)
     p.add_argument("--freeze-factors", action="store_true",
                    help="fine-tune everything but the factors")
@@ -95,11 +106,24 @@ def _check_budget_args(args: argparse.Namespace) -> list[str] | None:
     return families
 
 
-def _budget_policy(args, families, model, image_shape, dataset):
-    """The allocated policy and its :class:`Allocation` for ``--budget``."""
+def _budget_policy(args, families, model, image_shape, dataset, calibration):
+    """The allocated policy and its :class:`Allocation` for ``--budget`` (candidates fitted
+    data-aware on ``calibration`` when given)."""
     import jax.numpy as jnp
 
-    from factorize.conversion.allocation import allocate, eval_scorer
+    from factorize.conversion.allocation import (
+        allocate,
+        convertible_layers,
+        data_aware_projection,
+        eval_scorer,
+    )
+
+    options = {f: {"n_iter": 50} for f in families if f.startswith("cp")}
+    projection = None
+    if calibration is not None:
+        paths = [s.path for s in convertible_layers(model, jnp.zeros((1, *image_shape)),
+                                                    skip=args.skip)]
+        projection = data_aware_projection(model, calibration, paths, options)
 
     scorer = None
     if args.holdout:
@@ -115,8 +139,8 @@ def _budget_policy(args, families, model, image_shape, dataset):
     try:
         a = allocate(model, jnp.zeros((1, *image_shape)), families, args.budget,
                      args.allocation or "knapsack", scorer=scorer, skip=args.skip,
-                     options={f: {"n_iter": 50} for f in families if f.startswith("cp")},
-                     cache=args.sensitivity_cache, rounds=args.rounds)
+                     options=options, projection=projection, cache=args.sensitivity_cache,
+                     rounds=args.rounds)
     except ValueError as e:
         msg = str(e)
         if msg.startswith("macs:"):
@@ -163,12 +187,18 @@ def run_convert(args: argparse.Namespace) -> int:
     dataset = args.dataset or metadata.get("dataset")
     if image_shape is None:
         raise ValueError(f"{args.checkpoint}: checkpoint metadata lacks image_shape")
+    calibration = None
+    if args.calibrate:
+        calibration = _calibration_images(args.calibrate, dataset, args.data_dir,
+                                          args.calibration_seed)
     allocation = None
     if families is not None:
-        policy, allocation = _budget_policy(args, families, model, image_shape, dataset)
+        policy, allocation = _budget_policy(args, families, model, image_shape, dataset,
+                                            calibration)
         print(allocation.to_markdown())
     converted, report = convert(model, policy, jnp.zeros((1, *image_shape)), progress=True,
-                                workers=args.workers)
+                                workers=args.workers, calibration=calibration,
+                                reconstruction=args.reconstruction)
     if not report.converted:
         what = f"rules file {args.rules!r}" if args.rules else "the policy"
         raise ValueError(f"{what} matched no convertible layer; layers: "
@@ -195,9 +225,12 @@ def run_convert(args: argparse.Namespace) -> int:
 
             atomic_write_json(tmp / "allocation.json", allocation.to_dict())
             atomic_write_text(tmp / "allocation.md", allocation.to_markdown())
+        calibrated = {} if calibration is None else {"calibration": {
+            "images": len(calibration), "split": "train", "seed": args.calibration_seed,
+            "reconstruction": args.reconstruction}}
         checkpoint.save(tmp / "checkpoint", converted, spec, metadata={
             **metadata, "converted_from": os.path.abspath(args.checkpoint),
-            "policy": policy.to_dict(), "mac_ratio": report.mac_ratio, **extra,
+            "policy": policy.to_dict(), "mac_ratio": report.mac_ratio, **extra, **calibrated,
         })
         if extra:
             (tmp / "finetune.json").write_text(json.dumps(extra, indent=2) + "\n")
@@ -209,6 +242,22 @@ def run_convert(args: argparse.Namespace) -> int:
     extra_files = ", allocation.json, allocation.md" if allocation is not None else ""
     print(f"wrote {out}/checkpoint, report.json, report.md, report.csv{extra_files}")
     return 0
+
+
+def _calibration_images(n: int, dataset: str | None, data_dir: str | None,
+                        seed: int) -> np.ndarray:
+    """``n`` training images of ``dataset``, a subset drawn with ``seed``."""
+    from factorize import data
+
+    if n < 0:
+        raise ValueError(f"--calibrate must be a number of images >= 1, got {n}")
+    if not dataset:
+        raise ValueError("--calibrate needs --dataset (the checkpoint names none)")
+    x = data.load(dataset, data_dir=data_dir).x_train
+    if n > len(x):
+        raise ValueError(f"--calibrate {n}: the {dataset} training split has only {len(x)} "
+                         f"images")
+    return x[np.sort(np.random.default_rng(seed).permutation(len(x))[:n])]
 
 
 # --------------------------------------------------------------------------------- inspect

@@ -13,6 +13,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from factorize._checks import pair
+from factorize.conversion.calibration import (
+    InputStats,
+    check_calibration,
+    collect_input_stats,
+    output_error,
+)
 from factorize.conversion.policy import Policy, Rule
 from factorize.conversion.report import ConversionReport, LayerRow
 from factorize.costs import conv_macs, count_macs
@@ -23,10 +29,12 @@ from factorize.factorized import (
     relative_error,
 )
 from factorize.families import Rank, get_family, rank_for_fraction, resolve_rank
+from factorize.families.data_aware import DEFAULT_DAMP, DEFAULT_SWEEPS
 from factorize.layers import FactorizedConv, FactorizedLinear
 from factorize.models.spec import set_submodule
 
 SUPPORTED_PADDING = "'SAME', 'VALID', ints or (low, high) pairs"
+RECONSTRUCTIONS = ("symmetric", "asymmetric")
 
 
 def _path_str(path: tuple) -> str:
@@ -43,10 +51,13 @@ def candidate_layers(model: nnx.Module) -> dict[str, nnx.Module]:
 
 
 class _Log:
-    """Input shapes by layer path (an identity-hashed object, so NNX keeps it as static)."""
+    """Input shapes (and, while collecting statistics, inputs) by layer path (an
+    identity-hashed object, so NNX keeps it as static)."""
 
     def __init__(self):
         self.shapes: dict[str, tuple[int, ...]] = {}
+        # set to a dict to also catch the inputs themselves (calibration statistics)
+        self.inputs: dict[str, Any] | None = None
 
 
 class _Probe(nnx.Module):
@@ -57,6 +68,8 @@ class _Probe(nnx.Module):
 
     def __call__(self, x, *args, **kwargs):
         self.log.shapes.setdefault(self.path, tuple(x.shape))
+        if self.log.inputs is not None:
+            self.log.inputs.setdefault(self.path, x)
         return self.inner(x, *args, **kwargs)
 
 
@@ -128,6 +141,10 @@ def convert(
     *,
     progress: bool = False,
     workers: int = 2,
+    calibration: Any = None,
+    reconstruction: str = "asymmetric",
+    damp: float = DEFAULT_DAMP,
+    refine: int = DEFAULT_SWEEPS,
 ) -> tuple[nnx.Module, ConversionReport]:
     """A copy of ``model`` with the layers ``policy`` selects replaced by factorized layers.
 
@@ -145,6 +162,22 @@ def convert(
       progress: show a progress bar over the layers.
       workers: threads decomposing the layers (grouped by kernel shape, as in
         :func:`factorize.decompose_many`); ``1`` converts them one at a time, in order.
+      calibration: ``None`` (data-free: each layer's factors minimise its kernel error), or
+        input batches (an iterable of arrays shaped like ``sample_input``, or one array): each
+        layer is fitted to its output error on them (``decompose(..., inputs=...)``,
+        docs/data_aware.md), and its row records that error.
+      reconstruction: with ``calibration``: ``"asymmetric"`` (default) converts the layers one
+        after another in forward order, each fitted to the *original* layer's outputs given the
+        inputs of the network converted so far (Zhang et al., TPAMI 2016, Sec. 3.3), so errors
+        do not accumulate; ``"symmetric"`` fits every layer to its own outputs on the original
+        network's inputs (one statistics pass, layers in parallel).
+      damp: the ridge of the data-aware fit (``decompose``'s ``damp``).
+      refine: block-coordinate-descent sweeps of the data-aware fit (``decompose``'s ``refine``).
+
+    Biases: a converted layer with a bias has it refitted in closed form (the output means
+    match, so the factors fit the centered covariance); one without (BatchNorm follows) is fitted
+    on the uncentered second moment, so the mean error is part of its objective. BatchNorm and
+    every other layer stay as they are.
 
     Returns:
       ``(converted_model, report)``; the report has a row per conv/linear layer (converted or
@@ -155,9 +188,17 @@ def convert(
         policy = Policy.uniform("dsc", 1, skip="^conv1$")
         small, report = factorize.convert(model, policy, x_train[:8])
         print(report.to_markdown())
+        fitted, report = factorize.convert(model, policy, x_train[:8],
+                                           calibration=x_train[:512])   # data-aware
     """
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a factorize.Policy, got {type(policy).__name__}")
+    batches = None
+    if calibration is not None:
+        if reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, "
+                             f"got {reconstruction!r}")
+        batches = check_calibration(calibration, sample_input)
     inputs = layer_inputs(model, sample_input)
     first = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_input)
     converted = nnx.clone(model)
@@ -170,18 +211,17 @@ def convert(
     plans = [r for r in rows if isinstance(r, _Planned)]
     with tqdm(total=len(plans), desc="convert", unit="layer", disable=not progress,
               leave=False) as bar:
-        results, errors = decompose_jobs(
-            [p.job for p in plans], workers=workers, on_done=lambda _: bar.update())
-    if errors:
-        i = min(errors)
-        e = errors[i]
-        if isinstance(e, (ValueError, TypeError)):
-            raise type(e)(f"layer {plans[i].path!r}: {e}") from None
-        raise e
-    done = iter(results)
-    for i, row in enumerate(rows):
-        if isinstance(row, _Planned):
-            rows[i] = _install(converted, layers[row.path], row, next(done))
+        if batches is None:
+            _decompose_all(converted, layers, rows, plans, workers, bar)
+        elif reconstruction == "symmetric":
+            stats = collect_input_stats(model, batches, [p.path for p in plans])
+            _decompose_all(converted, layers, rows, plans, workers, bar, stats,
+                           dict(damp=damp, refine=refine))
+        else:  # asymmetric: forward order, each on the statistics of the converted prefix
+            for plan in plans:
+                stats = collect_input_stats(converted, batches, [plan.path], reference=model)
+                _decompose_all(converted, layers, rows, [plan], 1, bar, stats,
+                               dict(damp=damp, refine=refine))
     report = ConversionReport(
         rows=tuple(rows),  # type: ignore[arg-type]
         model_macs_before=count_macs(model, first),
@@ -202,6 +242,30 @@ def check_budget(report: ConversionReport, policy: Policy) -> None:
         raise ValueError(
             f"the converted model costs {report.model_macs_after:,} MACs (count_macs), above "
             f"the budget's {limit:,} (target {policy.target_macs:,} for the converted layers)")
+
+
+def _decompose_all(converted, layers, rows, plans, workers, bar, stats=None, fit=None):
+    """Decomposes ``plans`` (data-aware on ``stats`` where given) and installs each result in
+    ``converted`` and in its place in ``rows``."""
+    jobs = []
+    for p in plans:
+        job = p.job
+        if stats is not None:
+            centered = layers[p.path].bias is not None
+            opts = {**job.options, **fit, "inputs": stats[p.path], "centered": centered}
+            job = dataclasses.replace(job, options=opts)
+        jobs.append(job)
+    results, errors = decompose_jobs(jobs, workers=workers, on_done=lambda _: bar.update())
+    if errors:
+        i = min(errors)
+        e = errors[i]
+        if isinstance(e, (ValueError, TypeError)):
+            raise type(e)(f"layer {plans[i].path!r}: {e}") from None
+        raise e
+    index = {id(r): i for i, r in enumerate(rows)}
+    for plan, f in zip(plans, results, strict=True):
+        layer_stats = None if stats is None else stats[plan.path]
+        rows[index[id(plan)]] = _install(converted, layers[plan.path], plan, f, layer_stats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,10 +312,18 @@ def _plan_layer(path: str, layer: nnx.Module, in_shape, policy: Policy) -> Layer
     return _Planned(path, job, kept, strides, padding, dilation)
 
 
-def _install(converted: nnx.Module, layer: nnx.Module, plan: _Planned, f) -> LayerRow:
-    """Puts the factorized layer for ``plan`` (bias and geometry kept) in ``converted`` and
-    returns its report row."""
+def _install(converted: nnx.Module, layer: nnx.Module, plan: _Planned, f,
+             stats: InputStats | None = None) -> LayerRow:
+    """Puts the factorized layer for ``plan`` (bias and geometry kept, or refitted on
+    ``stats``) in ``converted`` and returns its report row."""
     bias = layer.bias[...] if layer.bias is not None else None
+    approx = f.to_kernel()
+    if stats is not None and bias is not None:
+        # the output means match: b̂ = b + Wᵀ E[p_ref] − Ŵᵀ E[p]
+        p = stats.patch_size
+        ref_mean = stats.mean if stats.ref_mean is None else stats.ref_mean
+        w, a = plan.job.kernel.reshape(p, -1), approx.reshape(p, -1)
+        bias = (bias + ref_mean @ w - stats.mean @ a).astype(bias.dtype)
     if plan.kept["layer_type"] == "linear":
         new = FactorizedLinear.from_factorized(f, bias=bias, dtype=layer.dtype)
     else:
@@ -260,7 +332,12 @@ def _install(converted: nnx.Module, layer: nnx.Module, plan: _Planned, f) -> Lay
             kernel_dilation=plan.dilation, dtype=layer.dtype,
         )
     set_submodule(converted, plan.path, new)
-    return _converted_row(plan.kept, f, new, bias, plan.kept["input_hw"], plan.job.kernel)
+    row = _converted_row(plan.kept, f, new, bias, plan.kept["input_hw"], plan.job.kernel)
+    if stats is None:
+        return row
+    centered = layer.bias is not None
+    err = float(output_error(plan.job.kernel, approx, stats, centered=centered))
+    return dataclasses.replace(row, output_error=err)
 
 
 def _converted_row(kept, f, new, bias, input_hw, kernel) -> LayerRow:

@@ -29,6 +29,9 @@ class LayerRow:
     macs_after: int
     rel_error: float
     note: str = ""
+    # relative output error E‖Wᵀx − Ŵᵀx̂‖² / E‖Wᵀx‖² on the calibration statistics (data-aware
+    # conversion only)
+    output_error: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,19 +88,25 @@ class ConversionReport:
         return out.getvalue()
 
     def to_markdown(self) -> str:
+        data_aware = any(r.output_error is not None for r in self.rows)
         head = (
             "| layer | family | rank | kernel | input | params | MACs before | MACs after "
-            "| ratio | rel. error |\n|---|---|---|---|---|---:|---:|---:|---:|---:|\n"
+            "| ratio | rel. error |" + (" output error |" if data_aware else "")
+            + "\n|---|---|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if data_aware else "")
+            + "\n"
         )
         lines = []
         for r in self.rows:
             ratio = r.macs_after / r.macs_before if r.macs_before else 1.0
             kernel = "×".join(map(str, r.kernel_shape))
+            out = ""
+            if data_aware:
+                out = " – |" if r.output_error is None else f" {r.output_error:.4f} |"
             lines.append(
                 f"| `{r.path}` | {r.family or 'kept'} | {_rank_str(r.rank)} | {kernel} "
                 f"| {r.input_hw[0]}×{r.input_hw[1]} | {r.params_before:,} → {r.params_after:,} "
                 f"| {r.macs_before:,} | {r.macs_after:,} | {ratio:.3f} | {r.rel_error:.4f} |"
-                + (f" {r.note}" if r.note else "")
+                + out + (f" {r.note}" if r.note else "")
             )
         total = (
             f"\nWhole model (count_macs, one image): {self.model_macs_before:,} → "

@@ -33,6 +33,11 @@ class Family(NamedTuple):
       project: ``(kernel, rank, **options) -> (factors, info)``, the best (or a good) fit.
       rank_path: the ranks in increasing size, for turning a parameter fraction into a rank.
       summary: one line for tables and ``--help``.
+      project_whitened: ``(kernel, rank, s, **options) -> factors``, or ``None``: the closed-form
+        fit minimising the output error ``tr((W − Ŵ)ᵀ S (W − Ŵ))`` for the structured part of a
+        (damped, positive definite) patch second moment ``S`` (``factorize.families.data_aware``;
+        each family's docstring says for which ``S`` it is exact). ``None``: the data-aware fit
+        starts from ``project``.
 
     Example::
 
@@ -49,6 +54,7 @@ class Family(NamedTuple):
     project: Projection
     rank_path: Callable[[KernelShape], list[Rank]]
     summary: str
+    project_whitened: Callable[..., Factors] | None = None
 
 
 def int_rank_path(max_rank: Callable[[KernelShape], Rank]) -> Callable[[KernelShape], list[Rank]]:

@@ -15,6 +15,13 @@ import jax.numpy as jnp
 
 from factorize.chain import Stage
 from factorize.families.base import Family, int_rank_path
+from factorize.families.data_aware import (
+    channel_whitened,
+    cholesky,
+    per_channel_blocks,
+    row_channel_blocks,
+    whitened_svd,
+)
 
 HW = (True, True)
 NONE = (False, False)
@@ -55,14 +62,27 @@ FULL = Family(
 
 
 @functools.partial(jax.jit, static_argnames="rank")
-def _dsc_project(kernel, rank, **options):
-    _no_options("dsc", options)
+def _dsc_fit(kernel, rank, left):
     kh, kw, c, n = kernel.shape
     slices = kernel.reshape(kh * kw, c, n).transpose(1, 0, 2)  # (C, kh·kw, N)
-    a, b = truncated_svd(slices, rank)  # (C, kh·kw, r), (C, r, N)
+    a, b = whitened_svd(slices, rank, left)  # (C, kh·kw, r), (C, r, N)
     depthwise = a.transpose(1, 0, 2).reshape(kh, kw, 1, c * rank)
     pointwise = b.reshape(1, 1, c * rank, n)
-    return (depthwise, pointwise), {}
+    return depthwise, pointwise
+
+
+def _dsc_project(kernel, rank, **options):
+    _no_options("dsc", options)
+    return _dsc_fit(kernel, rank, None), {}
+
+
+def _dsc_whitened(kernel, rank, s, **options):
+    """Per input channel ``c``, the whitened SVD of the ``(kh·kw × N)`` slice with the
+    ``(kh·kw × kh·kw)`` block of ``S`` at channel ``c``: exact (optimal) for block-diagonal
+    ``S`` (input channels uncorrelated), where the objective splits into one weighted rank-r
+    problem per channel."""
+    _no_options("dsc", options)
+    return _dsc_fit(kernel, rank, cholesky(per_channel_blocks(s, kernel.shape)))
 
 
 DSC = Family(
@@ -76,6 +96,7 @@ DSC = Family(
     project=_dsc_project,
     rank_path=int_rank_path(lambda s: min(s[0] * s[1], s[3])),
     summary="depthwise kh×kw C→C·r, 1×1 C·r→N (MobileNet; r = depth multiplier)",
+    project_whitened=_dsc_whitened,
 )
 
 
@@ -104,6 +125,9 @@ BSCONV = Family(
     project=_bsconv_project,
     rank_path=int_rank_path(lambda s: min(s[0] * s[1], s[2])),
     summary="1×1 C→N·r, grouped kh×kw (N groups, r→1) (BSConv-U)",
+    # the first stage is a 1×1 on C: per output channel, the slice (kh·kw × C) whitened on its
+    # channel side; exact for S = I ⊗ S_C
+    project_whitened=channel_whitened(_bsconv_project),
 )
 
 
@@ -111,14 +135,27 @@ BSCONV = Family(
 
 
 @functools.partial(jax.jit, static_argnames="rank")
-def _spatial_project(kernel, rank, **options):
-    _no_options("spatial", options)
+def _spatial_fit(kernel, rank, left):
     kh, kw, c, n = kernel.shape
     m = kernel.transpose(0, 2, 1, 3).reshape(kh * c, kw * n)
-    a, b = truncated_svd(m, rank)
+    a, b = whitened_svd(m, rank, left)
     vertical = a.reshape(kh, 1, c, rank)
     horizontal = b.reshape(rank, kw, n).transpose(1, 0, 2).reshape(1, kw, rank, n)
-    return (vertical, horizontal), {}
+    return vertical, horizontal
+
+
+def _spatial_project(kernel, rank, **options):
+    _no_options("spatial", options)
+    return _spatial_fit(kernel, rank, None), {}
+
+
+def _spatial_whitened(kernel, rank, s, **options):
+    """The whitened SVD of the ``(kh·C) × (kw·N)`` unfolding with the ``(kh·C)`` row blocks of
+    ``S`` averaged over the column offset: exact (optimal) for
+    ``S[(i,j,c),(i',j',c')] = δ_{jj'} A[(i,c),(i',c')]`` (horizontal offsets uncorrelated, the
+    same vertical × channel covariance at each)."""
+    _no_options("spatial", options)
+    return _spatial_fit(kernel, rank, cholesky(row_channel_blocks(s, kernel.shape)))
 
 
 SPATIAL = Family(
@@ -132,6 +169,7 @@ SPATIAL = Family(
     project=_spatial_project,
     rank_path=int_rank_path(lambda s: min(s[0] * s[2], s[1] * s[3])),
     summary="kh×1 C→R, 1×kw R→N (spatially separable, Jaderberg et al. 2014)",
+    project_whitened=_spatial_whitened,
 )
 
 
@@ -160,15 +198,29 @@ LOWRANK_IN = Family(
     project=_lowrank_in_project,
     rank_path=int_rank_path(lambda s: min(s[2], s[0] * s[1] * s[3])),
     summary="1×1 C→R, kh×kw R→N (Inception's 1×1 reduce)",
+    # the whitened SVD of the mode-C unfolding with the C×C channel covariance: exact for
+    # S = I ⊗ S_C
+    project_whitened=channel_whitened(_lowrank_in_project),
 )
 
 
 @functools.partial(jax.jit, static_argnames="rank")
+def _lowrank_out_fit(kernel, rank, left):
+    kh, kw, c, n = kernel.shape
+    a, b = whitened_svd(kernel.reshape(kh * kw * c, n), rank, left)  # mode-N unfolding, transposed
+    return a.reshape(kh, kw, c, rank), b.reshape(1, 1, rank, n)
+
+
 def _lowrank_out_project(kernel, rank, **options):
     _no_options("lowrank_out", options)
-    kh, kw, c, n = kernel.shape
-    a, b = truncated_svd(kernel.reshape(kh * kw * c, n), rank)  # mode-N unfolding, transposed
-    return (a.reshape(kh, kw, c, rank), b.reshape(1, 1, rank, n)), {}
+    return _lowrank_out_fit(kernel, rank, None), {}
+
+
+def _lowrank_out_whitened(kernel, rank, s, **options):
+    """The whitened SVD of the ``(kh·kw·C) × N`` unfolding with the full ``S``: exact (optimal)
+    for every ``S`` (Eckart–Young on ``Lᵀ W``, ``S = L Lᵀ``, then ``L⁻ᵀ`` on the left factor)."""
+    _no_options("lowrank_out", options)
+    return _lowrank_out_fit(kernel, rank, cholesky(s))
 
 
 LOWRANK_OUT = Family(
@@ -182,4 +234,5 @@ LOWRANK_OUT = Family(
     project=_lowrank_out_project,
     rank_path=int_rank_path(lambda s: min(s[3], s[0] * s[1] * s[2])),
     summary="kh×kw C→R, 1×1 R→N (low-rank output)",
+    project_whitened=_lowrank_out_whitened,
 )

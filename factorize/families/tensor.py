@@ -10,6 +10,7 @@ import math
 from factorize.chain import Stage
 from factorize.decompositions import cp3_project, cp4_project, tucker2_project
 from factorize.families.base import Family, int_rank_path
+from factorize.families.data_aware import channel_whitened
 
 HW = (True, True)
 NONE = (False, False)
@@ -37,6 +38,7 @@ TUCKER2 = Family(
     max_rank=lambda s: (s[2], s[3]),
     exact_rank=lambda s: (min(s[2], s[0] * s[1] * s[3]), min(s[3], s[0] * s[1] * s[2])),
     project=tucker2_project,
+    project_whitened=channel_whitened(tucker2_project),
     rank_path=_tucker2_path,
     summary="1×1 C→R1, kh×kw R1→R2, 1×1 R2→N (Tucker-2, Kim et al. 2016)",
 )
@@ -62,6 +64,7 @@ CP3 = Family(
     max_rank=_cp3_max,
     exact_rank=lambda s: None,
     project=cp3_project,
+    project_whitened=channel_whitened(cp3_project),
     rank_path=int_rank_path(_cp3_max),
     summary="1×1 C→R, depthwise kh×kw on R, 1×1 R→N (CP of (kh·kw, C, N); MobileNetV2-like)",
 )
@@ -77,6 +80,7 @@ CP4 = Family(
     max_rank=_cp4_max,
     exact_rank=lambda s: None,
     project=cp4_project,
+    project_whitened=channel_whitened(cp4_project),
     rank_path=int_rank_path(_cp4_max),
     summary=(
         "1×1 C→R, depthwise kh×1, depthwise 1×kw, 1×1 R→N (CP of the kernel, Lebedev et al. 2015)"
