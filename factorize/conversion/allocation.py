@@ -284,11 +284,11 @@ class eval_scorer(Scorer):
         saved = {p: self._layers[p].kernel[...] for p in swapped}
         try:
             for p, k in swapped.items():
-                self._layers[p].kernel.value = k
+                self._layers[p].kernel[...] = k
             r = evaluate(self.model, self.x, self.y, batch_size=self.batch_size, _step=self._step)
         finally:
             for p, k in saved.items():
-                self._layers[p].kernel.value = k
+                self._layers[p].kernel[...] = k
         return r["loss"] if self.metric == "loss" else 1.0 - r["accuracy"]
 
 
