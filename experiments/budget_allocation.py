@@ -120,11 +120,18 @@ def plan(setups: dict[str, Setup], stage: str = "all") -> list[Row]:
     if dg:
         stages["digits"] = _rows(dg, sorted(dg.checkpoints), dg.fractions)
     if fm:
-        rest = _rows(fm, sorted(fm.checkpoints), fm.fractions)
-        stages["fm-rest"] = [r for r in rest if r not in set(stages["fm-quarter"])]
-        stages["fm-finetune"] = [dataclasses.replace(r, finetune_epochs=1)
-                                 for r in _rows(fm, sorted(fm.checkpoints), [0.25])
-                                 if r.allocation != "greedy"]
+        seeds = sorted(fm.checkpoints)
+        # seed 0's other fractions, then the other seeds (1/4 first)
+        rest = [r for seed in seeds for f in sorted(fm.fractions, key=lambda f: f != 0.25)
+                for r in _rows(fm, [seed], [f])]
+        stages["fm-rest"] = [r for r in sorted(rest, key=lambda r: r.seed != seeds[0])
+                             if r not in set(stages["fm-quarter"])]
+        # the fine-tuned rows the summary table needs first: the mixed row, data-free and
+        # asymmetric, then the single families, then symmetric
+        tuned = [dataclasses.replace(r, finetune_epochs=1) for r in _rows(fm, seeds, [0.25])
+                 if r.allocation != "greedy"]
+        stages["fm-finetune"] = sorted(tuned, key=lambda r: (
+            r.seed, r.projection == "symmetric", r.family != MIXED))
     if dg:
         stages["digits-finetune"] = [dataclasses.replace(r, finetune_epochs=1)
                                      for r in stages["digits"] if r.allocation != "greedy"]

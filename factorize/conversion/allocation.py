@@ -524,8 +524,13 @@ class Allocation:
       policy: one rule per convertible layer (``family=None``: kept), with ``target_macs``.
       curves: every layer's points (``loss`` = the scorer's increase at that point).
       choice: the index into ``curves[path]`` each layer got.
-      method, fraction, target, threshold: the allocator, the budget (fraction of the
-        convertible layers' MACs and in MACs), and greedy's loss threshold (else ``None``).
+      method: the allocator's name.
+      fraction: the budget as a fraction of the convertible layers' MACs.
+      target: the budget in MACs (``floor(fraction × convertible MACs)``).
+      scorer: the scorer's name (``"none"``: nothing was scored).
+      projection: the projection's name.
+      threshold: greedy's loss threshold (else ``None``).
+      rounds: how many times the curves were scored.
     """
 
     policy: Any
@@ -604,14 +609,15 @@ def allocate(
     ``macs`` × their original MACs; see the module docstring.
 
     Args:
-      model, sample_input: the trained model and an input batch (its first example sizes the
-        layers).
+      model: the trained model.
+      sample_input: an input batch (its first example sizes the layers).
       families: one family name or several (each layer then picks its family too).
       macs: the budget, a fraction in (0, 1] of the convertible layers' MACs.
       allocation: ``"uniform"``, ``"greedy"`` or ``"knapsack"``.
       scorer: a :class:`Scorer` (default :class:`kernel_error_scorer`, data-free).
       projection: fits a candidate (default :func:`data_free_projection` with ``options``).
-      skip, kernel_size: which convs are convertible, as in ``Policy.uniform``.
+      skip: a regex of layer paths kept as they are, as in ``Policy.uniform``.
+      kernel_size: convert only kernels of this ``(kh, kw)``.
       options: projection options per family, e.g. ``{"cp3": {"n_iter": 50}}``.
       cache: a :class:`CurveCache` or a JSON file path for one; a second run reads its scores.
       grid: the MAC fractions at which candidates are sampled.
