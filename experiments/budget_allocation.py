@@ -379,11 +379,85 @@ def to_markdown(records: list[dict]) -> str:
             if any(c != "–" for c in cells):
                 lines.append(f"| {family} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += verdict(records)
     met = [r for r in conv if r["status"] == "ok"]
     n_met = sum(r["budget_met"] for r in met)
     lines.append(f"Budget met (count_macs of the built model ≤ limit) in {n_met} of "
                  f"{len(met)} converted rows.")
     return "\n".join(lines) + "\n"
+
+
+def _mean(rows: list[dict], key: str = "accuracy") -> float | None:
+    vals = [r[key] for r in rows if r["status"] == "ok"]
+    return statistics.fmean(vals) if vals else None
+
+
+def verdict(records: list[dict]) -> list[str]:
+    """The acceptance checks, computed from the rows, for each dataset and fraction before
+    fine-tuning: the best data-aware allocated row against the baseline; each family's best
+    data-aware allocated row against data-free uniform (+20 points) or the baseline (−5); and
+    allocated (knapsack) against uniform at the same projection."""
+    conv = [r for r in records if r.get("kind") == "convert" and r["finetune_epochs"] == 0]
+    out = ["### Verdict (computed from the rows above, before fine-tuning)", ""]
+    for dataset, fraction in sorted({(r["dataset"], r["fraction"]) for r in conv},
+                                    key=lambda g: (g[0] != "fashion_mnist", -g[1])):
+        rows = [r for r in conv if (r["dataset"], r["fraction"]) == (dataset, fraction)]
+        base = [r["accuracy"] for r in records if r.get("kind") == "baseline"
+                and r["dataset"] == dataset and r["seed"] in {x["seed"] for x in rows}]
+        if not base:
+            continue
+        b = statistics.fmean(base)
+
+        def pick(family, projections, allocations, rows=rows):
+            cands = [(_mean([r for r in rows if (r["family"], r["projection"],
+                                                 r["allocation"]) == (family, p, a)]), p, a)
+                     for p in projections for a in allocations]
+            cands = [c for c in cands if c[0] is not None]
+            return max(cands) if cands else None
+
+        aware, alloc = ("symmetric", "asymmetric"), ("knapsack", "greedy")
+        best = [(pick(f, aware, alloc), f) for f in (*FAMILIES, MIXED)]
+        best = [(c, f) for c, f in best if c is not None]
+        head = f"- {dataset} at ≤ {fraction:g} (baseline {100 * b:.2f}):"
+        if best:
+            (acc, p, a), f = max(best)
+            ok = "within" if b - acc <= 0.02 else "not within"
+            out.append(f"{head} best data-aware allocated: {f} ({p} {a}) {100 * acc:.2f}, "
+                       f"{100 * (b - acc):.2f} points below the baseline: {ok} 2 points.")
+        else:
+            out.append(f"{head} no data-aware allocated row.")
+        short = []
+        for family in FAMILIES:
+            c = pick(family, aware, alloc)
+            free = _mean([r for r in rows if (r["family"], r["projection"], r["allocation"])
+                          == (family, "data-free", "uniform")])
+            if c is None or free is None:
+                continue
+            if not (c[0] >= free + 0.20 or c[0] >= b - 0.05):
+                short.append(f"{family} ({100 * free:.1f} → {100 * c[0]:.1f})")
+        n_fam = sum(1 for f in FAMILIES if pick(f, aware, alloc) is not None)
+        never = [f for f in FAMILIES if any(r["family"] == f for r in rows)
+                 and all(r["status"] != "ok" for r in rows if r["family"] == f)]
+        if never:
+            short.append(f"{', '.join(never)} cannot reach the budget at all")
+        out.append(f"  Families ≥ 20 points above data-free uniform or within 5 of the "
+                   f"baseline: {n_fam - len(short) + bool(never)} of {n_fam + len(never)}"
+                   + (f"; short: {', '.join(short)}." if short else "."))
+        wins = ties = total = 0
+        for family in (*FAMILIES, MIXED):
+            for p in PROJECTIONS:
+                u = _mean([r for r in rows if (r["family"], r["projection"], r["allocation"])
+                           == (family, p, "uniform")])
+                k = _mean([r for r in rows if (r["family"], r["projection"], r["allocation"])
+                           == (family, p, "knapsack")])
+                if u is None or k is None:
+                    continue
+                total += 1
+                wins += k > u
+                ties += k == u
+        out.append(f"  Knapsack above uniform at the same projection in {wins} of {total} "
+                   f"(family, projection) cells, equal in {ties}.")
+    return out + [""]
 
 
 def plot(records: list[dict], path: Path) -> None:
