@@ -376,10 +376,12 @@ def sensitivity_curves(
                 cache.entries[key] = float(score(slot.path, k))
             return cache.entries[key]
 
+        before = len(cache.entries)
         base = cached(points[slot.path][0])
         curves[slot.path] = [p._replace(loss=cached(p) - base) if p.family else p
                              for p in points[slot.path]]
-        cache.save()
+        if len(cache.entries) > before:  # a run that only reads leaves the file alone
+            cache.save()
     return curves
 
 
