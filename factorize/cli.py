@@ -3,11 +3,14 @@
 Subcommands live in :data:`COMMANDS`: name → (add_arguments, run). To add one, write
 ``_add_x(parser)`` and ``_run_x(args) -> int`` and add a row. ``run`` raises an exception for
 bad input; :func:`main` turns the expected ones into a one-line message and exit status 2.
+Every command gets ``--json``: ``run`` reports through :func:`emit`, and while it runs anything
+else it prints goes to stderr, so stdout holds one JSON object and nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -37,6 +40,24 @@ def parse_rank(text: str) -> Any:
         raise argparse.ArgumentTypeError(
             f"invalid rank {text!r}: use 'full', an int, a fraction like 0.25, or r1,r2"
         ) from None
+
+
+def emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
+    """Report a command's outcome: ``text`` for people, or with ``--json`` ``result`` as one
+    JSON object on stdout (the only thing written there)."""
+    if getattr(args, "json", False):
+        out = getattr(args, "_stdout", None) or sys.stdout
+        out.write(json.dumps(result) + "\n")
+        out.flush()
+    else:
+        print(text)
+
+
+def checkpoint_arg(p: argparse.ArgumentParser, name: str = "checkpoint") -> None:
+    """The positional checkpoint argument every command takes, with its accepted forms."""
+    p.add_argument(name, metavar="CKPT",
+                   help="run directory (RUN, as train/convert/import-torch write it), its "
+                        "RUN/checkpoint, or zoo:NAME")
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -69,7 +90,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--family", help="conv family for every factorizable conv (default: full)")
     p.add_argument("--rank", type=parse_rank, default="full", help="rank for --family")
-    p.add_argument("--init", metavar="CKPT", help="fine-tune from this checkpoint")
+    p.add_argument("--init", metavar="CKPT",
+                   help="fine-tune from this checkpoint (RUN, RUN/checkpoint or zoo:NAME)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--data-dir", help="directory holding the dataset files")
     p.add_argument(
@@ -98,6 +120,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from factorize.data import DATASETS
     from factorize.models import MODELS
     from factorize.training import get_config, train_and_evaluate
+    from factorize.training.checkpoint import CheckpointError, resolve_checkpoint
 
     # Validate names before touching the disk: bad input leaves nothing behind.
     if args.dataset not in DATASETS:
@@ -107,8 +130,10 @@ def _run_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} already exists and is not empty; choose a new one")
-    if args.init and not Path(args.init).is_dir():
-        raise FileNotFoundError(f"--init {args.init}: no such checkpoint directory")
+    try:
+        init = resolve_checkpoint(args.init).absolute() if args.init else None
+    except CheckpointError as e:
+        raise CheckpointError(f"--init: {e}") from None
     if args.family is None and args.rank != "full":
         raise ValueError("--rank needs --family (e.g. --family dsc --rank 1)")
     family = None if args.family in (None, "full") and args.rank == "full" else args.family
@@ -130,7 +155,7 @@ def _run_train(args: argparse.Namespace) -> int:
         family=family,
         rank=args.rank if family else "full",
         augment=args.augment,
-        init_checkpoint=str(Path(args.init).absolute()) if args.init else None,
+        init_checkpoint=str(init) if init else None,
         data_dir=args.data_dir,
         verify_data=not args.no_verify,
         model_kwargs=parse_model_args(args.model_arg),
@@ -151,7 +176,10 @@ def _run_train(args: argparse.Namespace) -> int:
     final = history[-1] if history else {}
     acc = final.get("test_accuracy")
     msg = f"test accuracy {acc:.4f}" if acc is not None else "no evaluation"
-    print(f"{msg}; checkpoint {out / 'checkpoint'}; metrics {out / 'metrics.jsonl'}")
+    result = {"out": str(out), "checkpoint": str(out / "checkpoint"),
+              "metrics": str(out / "metrics.jsonl"), "dataset": config.dataset,
+              "model": config.model, "epochs": config.epochs, **final}
+    emit(args, result, f"{msg}; checkpoint {out / 'checkpoint'}; metrics {out / 'metrics.jsonl'}")
     return 0
 
 
@@ -159,7 +187,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (e.g. RUN/checkpoint)")
+    checkpoint_arg(p)
     p.add_argument("--dataset", help="dataset to evaluate on (default: the one it was trained on)")
     p.add_argument("--data-dir", help="directory holding the dataset files")
     p.add_argument(
@@ -167,7 +195,6 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--limit-test", type=int, metavar="N", help="use the first N test images")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def evaluate_checkpoint(
@@ -179,15 +206,19 @@ def evaluate_checkpoint(
     limit_test: int | None = None,
     verify: bool = True,
 ) -> dict[str, Any]:
-    """Test accuracy/loss, conventional MACs per image and parameter count of a checkpoint."""
+    """Test accuracy/loss, conventional MACs per image and parameter count of a checkpoint
+    (``RUN``, ``RUN/checkpoint`` or ``zoo:NAME``)."""
     import jax.numpy as jnp
 
     from factorize import data as data_lib
+    from factorize.conversion import layer_builder
     from factorize.costs import count_macs
     from factorize.models import count_params
     from factorize.training import evaluate, restore
+    from factorize.training.checkpoint import resolve_checkpoint
 
-    model, meta = restore(checkpoint, return_meta=True)
+    checkpoint = resolve_checkpoint(checkpoint)
+    model, meta = restore(checkpoint, layer_builder=layer_builder, return_meta=True)
     spec = meta["spec"]
     name = dataset or meta["metadata"].get("dataset")
     if not name:
@@ -225,14 +256,9 @@ def _run_eval(args: argparse.Namespace) -> int:
         limit_test=args.limit_test,
         verify=not args.no_verify,
     )
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(
-            f"{res['model']} on {res['dataset']} ({res['n_test']} test images): "
-            f"accuracy {res['accuracy']:.4f}, loss {res['loss']:.4f}, "
-            f"{res['macs']:,} MACs/image, {res['params']:,} params"
-        )
+    emit(args, res, f"{res['model']} on {res['dataset']} ({res['n_test']} test images): "
+                    f"accuracy {res['accuracy']:.4f}, loss {res['loss']:.4f}, "
+                    f"{res['macs']:,} MACs/image, {res['params']:,} params")
     return 0
 
 
@@ -252,7 +278,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "eval": (
         "evaluate a checkpoint: accuracy, MACs, params",
-        "factorize eval runs/digits-cnn/checkpoint --dataset digits --json",
+        "factorize eval runs/digits-cnn --json\n  factorize eval zoo:fm-cnn-seed0",
         _add_eval,
         _run_eval,
     ),
@@ -262,14 +288,14 @@ COMMANDS: dict[str, Command] = {
 COMMANDS.update({
     "convert": (
         "convert a checkpoint's convs into a factorized family, optionally fine-tune",
-        "factorize convert runs/digits-cnn/checkpoint --family dsc --macs 0.25 --skip '^conv1$' "
+        "factorize convert runs/digits-cnn --family dsc --macs 0.25 --skip '^conv1$' "
         "--finetune-epochs 2 --out runs/digits-dsc",
         _conv_cmd.add_convert,
         _conv_cmd.run_convert,
     ),
     "inspect": (
         "per-layer shapes, MACs, params and each family's error at a few MAC fractions",
-        "factorize inspect runs/digits-cnn/checkpoint --fractions 0.5,0.25",
+        "factorize inspect runs/digits-cnn --fractions 0.5,0.25",
         _conv_cmd.add_inspect,
         _conv_cmd.run_inspect,
     ),
@@ -293,7 +319,7 @@ COMMANDS.update({
     ),
     "export": (
         "export a checkpoint to PyTorch (state dict + loader) or StableHLO (jax.export)",
-        "factorize export runs/tv-resnet18-dsc/checkpoint --to torch --out exports/resnet18-dsc",
+        "factorize export runs/tv-resnet18-dsc --to torch --out exports/resnet18-dsc",
         _interop_cmd.add_export,
         _interop_cmd.run_export,
     ),
@@ -317,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=_formatter,
         )
         add(p)
+        p.add_argument("--json", action="store_true",
+                       help="print one JSON object on stdout (messages and progress: stderr)")
         p.set_defaults(_run=run)
     return parser
 
@@ -328,8 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from factorize.data import DatasetError
     from factorize.training import CheckpointError
 
+    args._stdout = sys.stdout  # emit() writes the JSON here; all else goes to stderr
     try:
-        return int(args._run(args) or 0)
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            return int(args._run(args) or 0)
     except (*_USER_ERRORS, DatasetError, CheckpointError) as e:
         reason = " ".join(str(e).split())  # one line, whatever the exception's layout
         print(f"factorize {args.command}: error: {reason}", file=sys.stderr)

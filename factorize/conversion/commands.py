@@ -22,10 +22,10 @@ import numpy as np
 
 
 def add_convert(p: argparse.ArgumentParser) -> None:
-    from factorize.cli import parse_rank
+    from factorize.cli import checkpoint_arg, parse_rank
     from factorize.families import FAMILIES
 
-    p.add_argument("checkpoint", help="checkpoint directory (from `factorize train`)")
+    checkpoint_arg(p)
     p.add_argument("--family", choices=FAMILIES, help="family for every conv (or --rules)")
     p.add_argument("--rank", type=parse_rank, default="full",
                    help="int, r1,r2 (tucker2), parameter fraction in (0, 1], full, evbmf")
@@ -173,15 +173,17 @@ def _new_output_dir(out: str) -> Path:
 def run_convert(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
+    from factorize.cli import emit
     from factorize.conversion import convert, layer_builder
     from factorize.conversion.finetune import finetune
+    from factorize.conversion.summary import convert_summary
     from factorize.training import checkpoint, get_config
 
     out = _new_output_dir(args.out)
     families = _check_budget_args(args)
     policy = _policy(args) if families is None else None
-    model, meta = checkpoint.restore(args.checkpoint, layer_builder=layer_builder,
-                                     return_meta=True)
+    ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
+    model, meta = checkpoint.restore(ckpt, layer_builder=layer_builder, return_meta=True)
     metadata = meta.get("metadata", {})
     image_shape = metadata.get("image_shape")
     dataset = args.dataset or metadata.get("dataset")
@@ -195,7 +197,6 @@ def run_convert(args: argparse.Namespace) -> int:
     if families is not None:
         policy, allocation = _budget_policy(args, families, model, image_shape, dataset,
                                             calibration)
-        print(allocation.to_markdown())
     converted, report = convert(model, policy, jnp.zeros((1, *image_shape)), progress=True,
                                 workers=args.workers, calibration=calibration,
                                 reconstruction=args.reconstruction)
@@ -214,8 +215,6 @@ def run_convert(args: argparse.Namespace) -> int:
                             learning_rate=args.learning_rate, warmup_epochs=0.0)
         result = finetune(converted, ds, config, freeze_factors=args.freeze_factors)
         extra = {k: result[k] for k in ("accuracy_before", "accuracy_after", "freeze_factors")}
-        print(f"accuracy: converted {result['accuracy_before']:.4f} → fine-tuned "
-              f"{result['accuracy_after']:.4f}")
     spec = meta["spec"]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -229,7 +228,7 @@ def run_convert(args: argparse.Namespace) -> int:
             "images": len(calibration), "split": "train", "seed": args.calibration_seed,
             "reconstruction": args.reconstruction}}
         checkpoint.save(tmp / "checkpoint", converted, spec, metadata={
-            **metadata, "converted_from": os.path.abspath(args.checkpoint),
+            **metadata, "converted_from": os.path.abspath(ckpt),
             "policy": policy.to_dict(), "mac_ratio": report.mac_ratio, **extra, **calibrated,
         })
         if extra:
@@ -238,9 +237,16 @@ def run_convert(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(report.to_markdown())
-    extra_files = ", allocation.json, allocation.md" if allocation is not None else ""
-    print(f"wrote {out}/checkpoint, report.json, report.md, report.csv{extra_files}")
+    result, text = convert_summary(report, out, source=ckpt.absolute(), extra=extra)
+    if allocation is not None:
+        a = allocation.to_dict()
+        result["allocation"] = {k: a[k] for k in ("method", "fraction", "target_macs", "macs",
+                                                  "scorer", "projection", "threshold")}
+        result["allocation"]["layers"] = {p: {k: v for k, v in d.items() if k != "curve"}
+                                          for p, d in a["layers"].items()}
+        text = (allocation.to_markdown() + "\n" + text
+                + f"\nallocation (curves and choices): {out}/allocation.json, allocation.md")
+    emit(args, result, text)
     return 0
 
 
@@ -264,11 +270,14 @@ def _calibration_images(n: int, dataset: str | None, data_dir: str | None,
 
 
 def add_inspect(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint directory")
+    from factorize.cli import checkpoint_arg
+
+    checkpoint_arg(p)
     p.add_argument("--fractions", default="0.5,0.25,0.125",
                    help="MAC fractions at which to project each layer (comma-separated)")
     p.add_argument("--families", help="comma-separated subset (default: every family)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also print each layer's errors (always in --json)")
 
 
 def inspect_model(model, image_shape, families, fractions) -> list[dict[str, Any]]:
@@ -314,7 +323,9 @@ def _error_at(layer, row, family: str, fraction: float) -> float | None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from factorize.cli import emit
     from factorize.conversion import layer_builder
+    from factorize.conversion.summary import inspect_summary
     from factorize.families import FAMILIES
     from factorize.training import checkpoint
 
@@ -329,26 +340,15 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise ValueError(f"--fractions must be numbers, got {args.fractions!r}") from None
     if not all(0 < f <= 1 for f in fractions):
         raise ValueError(f"--fractions must lie in (0, 1], got {args.fractions!r}")
-    model, meta = checkpoint.restore(args.checkpoint, layer_builder=layer_builder,
-                                     return_meta=True)
+    ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
+    model, meta = checkpoint.restore(ckpt, layer_builder=layer_builder, return_meta=True)
     image_shape = meta.get("metadata", {}).get("image_shape")
     if image_shape is None:
         raise ValueError(f"{args.checkpoint}: checkpoint metadata lacks image_shape")
     rows = inspect_model(model, image_shape, families, fractions)
-    if args.json:
-        print(json.dumps({"layers": rows, "fractions": fractions, "families": families}))
-        return 0
-    cols = [f"{fam}@{frac:g}" for fam in families for frac in fractions]
-    print("Relative kernel error ‖W − Ŵ‖/‖W‖ of each family at each MAC fraction "
-          "(– : the family cannot get that low).\n")
-    print("| layer | kernel | input | MACs | params | " + " | ".join(cols) + " |")
-    print("|---|---|---|---:|---:|" + "---:|" * len(cols))
-    for r in rows:
-        errs = [r["errors"].get(c) for c in cols]
-        cells = " | ".join("–" if e is None else f"{e:.3f}" for e in errs)
-        print(f"| `{r['path']}` | {'×'.join(map(str, r['kernel_shape']))} "
-              f"| {r['input_hw'][0]}×{r['input_hw'][1]} | {r['macs']:,} | {r['params']:,} "
-              f"| {cells} |")
+    emit(args, *inspect_summary(rows, families, fractions, model=model, name=meta["spec"].model,
+                                source=ckpt, image_shape=image_shape,
+                                per_layer=args.per_layer))
     return 0
 
 
@@ -423,6 +423,11 @@ def run_decompose(args: argparse.Namespace) -> int:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    print(f"{f.family} rank {f.rank}: {f.params:,} of {int(np.prod(f.kernel_shape)):,} "
-          f"parameters, relative error {error:.4f}; wrote {out} ({len(f.stages)} stages)")
+    from factorize.cli import emit
+
+    full = int(np.prod(f.kernel_shape))
+    emit(args, {**meta, "out": str(out), "params": f.params, "kernel_params": full,
+                "rel_error": error, "keys": sorted(factors)},
+         f"{f.family} rank {f.rank}: {f.params:,} of {full:,} parameters, relative error "
+         f"{error:.4f}; wrote {out} ({len(f.stages)} stages)")
     return 0

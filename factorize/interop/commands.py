@@ -8,7 +8,6 @@ written under a temporary name and renamed into place, so a failed command leave
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -54,12 +53,12 @@ def add_import_torch(p: argparse.ArgumentParser) -> None:
                    help="H,W,C the checkpoint records for convert/inspect/export "
                         "(default: 224,224,3)")
     p.add_argument("--bn-eps", type=float, default=1e-5, help="BatchNorm epsilon")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run_import_torch(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
+    from factorize.cli import emit
     from factorize.costs import count_macs
     from factorize.models import count_params
     from factorize.models.torch_import import from_torch, resolve_arch
@@ -93,14 +92,11 @@ def run_import_torch(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    info["checkpoint"] = str(out / "checkpoint")
-    if args.json:
-        print(json.dumps(info))
-    else:
-        h, w, c = image_shape
-        print(f"imported {arch} ({spec.model}, {spec.num_classes} classes, {info['params']:,} "
-              f"params, {info['macs']:,} MACs at {h}×{w}×{c}) from {source}; checkpoint "
-              f"{info['checkpoint']}")
+    info.update(out=str(out), checkpoint=str(out / "checkpoint"))
+    h, w, c = image_shape
+    emit(args, info, f"imported {arch} ({spec.model}, {spec.num_classes} classes, "
+                     f"{info['params']:,} params, {info['macs']:,} MACs at {h}×{w}×{c}) from "
+                     f"{source}; checkpoint {info['checkpoint']}")
     return 0
 
 
@@ -108,7 +104,9 @@ def run_import_torch(args: argparse.Namespace) -> int:
 
 
 def add_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (e.g. RUN/checkpoint)")
+    from factorize.cli import checkpoint_arg
+
+    checkpoint_arg(p)
     p.add_argument("--to", required=True, choices=("torch", "stablehlo"),
                    help="torch: safetensors + architecture.json + load.py; stablehlo: jax.export")
     p.add_argument("--out", required=True, help="new directory for the exported files")
@@ -117,17 +115,18 @@ def add_export(p: argparse.ArgumentParser) -> None:
                    help="stablehlo: fixed batch size (default: symbolic)")
     p.add_argument("--platforms", default="cpu",
                    help="stablehlo: comma-separated jax.export platforms (cpu, cuda, rocm, tpu)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from factorize.cli import emit
     from factorize.conversion import layer_builder
     from factorize.interop import export_stablehlo, export_torch
     from factorize.interop.torch_export import SUPPORTED_MODELS
     from factorize.training import checkpoint
 
     out = _fresh(args.out)
-    meta = checkpoint.read_meta(args.checkpoint)
+    ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
+    meta = checkpoint.read_meta(ckpt)
     spec, metadata = meta["spec"], meta.get("metadata", {})
     if args.to == "torch" and spec.model not in SUPPORTED_MODELS:
         raise ValueError(f"export to torch supports the models {', '.join(SUPPORTED_MODELS)}; "
@@ -139,8 +138,8 @@ def run_export(args: argparse.Namespace) -> int:
     else:
         raise ValueError(f"{args.checkpoint}: checkpoint metadata lacks image_shape; pass "
                          f"--image-shape H,W,C")
-    model = checkpoint.restore(args.checkpoint, layer_builder=layer_builder)
-    source: dict[str, Any] = {"checkpoint": os.path.abspath(args.checkpoint),
+    model = checkpoint.restore(ckpt, layer_builder=layer_builder)
+    source: dict[str, Any] = {"checkpoint": os.path.abspath(ckpt),
                               "model": spec.model, "image_shape": list(image_shape)}
     if args.to == "torch":
         export_torch(model, spec, out, image_shape=image_shape, metadata=source)
@@ -150,8 +149,6 @@ def run_export(args: argparse.Namespace) -> int:
         export_stablehlo(model, out, image_shape=image_shape, batch=args.batch,
                          platforms=platforms, metadata=source)
         files = ["model.jax_export", "model.json"]
-    if args.json:
-        print(json.dumps({"out": str(out), "to": args.to, "files": files, **source}))
-    else:
-        print(f"exported {spec.model} ({args.to}) to {out}: {', '.join(files)}")
+    emit(args, {"out": str(out), "to": args.to, "files": files, **source},
+         f"exported {spec.model} ({args.to}) to {out}: {', '.join(files)}")
     return 0

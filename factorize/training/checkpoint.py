@@ -6,6 +6,10 @@ Layout of a checkpoint directory::
       factorize.json   {"format": 1, "spec": ModelSpec, "manifest": {file: [bytes, sha256]}, ...}
       state/           orbax PyTree checkpoint of every nnx.Variable (params, BatchNorm stats)
 
+``factorize train``, ``convert`` and ``import-torch`` write it as ``RUN/checkpoint``; every
+reader takes ``RUN``, ``RUN/checkpoint`` or a model zoo name ``zoo:NAME``
+(:func:`resolve_checkpoint`).
+
 The whole directory is written under a temporary name next to the target and renamed into place,
 so a crash never leaves a half-written checkpoint under the real name. The manifest (size and
 sha256 of every state file) lets :func:`restore` name the file that was truncated or corrupted
@@ -110,14 +114,48 @@ def save(
     return path
 
 
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint's JSON (spec, metadata, manifest), validated."""
+ZOO_PREFIX = "zoo:"
+CHECKPOINT_DIR = "checkpoint"  # the run directory's subfolder that train/convert/import write
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint directory that ``path`` names: ``path`` itself when it holds
+    ``factorize.json``, else the run directory's ``path/checkpoint``; ``zoo:NAME`` is the model
+    zoo's checkpoint ``NAME`` (checksums verified, :func:`factorize.zoo.path`).
+
+    Raises :class:`CheckpointError` naming every path tried and what was expected there.
+
+    Example::
+
+        from factorize.training.checkpoint import resolve_checkpoint
+        resolve_checkpoint("zoo:digits-cnn")      # .../zoo/digits-cnn/checkpoint
+    """
+    if isinstance(path, str) and path.startswith(ZOO_PREFIX):
+        from factorize import zoo
+
+        path = zoo.path(path[len(ZOO_PREFIX):])
     path = Path(path)
+    candidates = (path, path / CHECKPOINT_DIR)
+    for c in candidates:
+        if (c / META).is_file():
+            return c
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory (expected a run directory "
+                              f"RUN, its RUN/{CHECKPOINT_DIR}, or zoo:NAME)")
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
+        raise CheckpointError(f"{path}: not a directory; expected a checkpoint directory")
+    raise CheckpointError(
+        f"{path}: not a factorize checkpoint: expected {META} and an orbax {STATE}/ in "
+        f"{path} or in {path / CHECKPOINT_DIR} (the directory train, convert and import-torch "
+        f"write)"
+    )
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's JSON (spec, metadata, manifest), validated; ``path`` as in
+    :func:`resolve_checkpoint`."""
+    path = resolve_checkpoint(path)
     meta_path = path / META
-    if not meta_path.is_file():
-        raise CheckpointError(f"{path}: not a factorize checkpoint ({META} is missing)")
     try:
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT:
@@ -155,13 +193,15 @@ def restore(
 ) -> nnx.Module | tuple[nnx.Module, dict[str, Any]]:
     """Rebuild the model from ``path``'s spec and load its variables (bit-identical).
 
-    ``layer_builder`` is passed to :func:`factorize.models.build` for layers a conversion
-    replaced with a type other than ``FactorizedConv``. With ``return_meta`` also returns the
-    checkpoint's JSON (``spec``, ``metadata``).
+    ``path`` is a run directory, its ``checkpoint/`` or ``zoo:NAME``
+    (:func:`resolve_checkpoint`). ``layer_builder`` is passed to
+    :func:`factorize.models.build` for layers a conversion replaced with a type other than
+    ``FactorizedConv``. With ``return_meta`` also returns the checkpoint's JSON (``spec``,
+    ``metadata``).
     """
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()  # orbax requires absolute paths
+    path = resolve_checkpoint(path).absolute()  # orbax requires absolute paths
     meta = read_meta(path)
     _verify(path / STATE, meta["manifest"])
     model = build(meta["spec"], rngs=nnx.Rngs(0), layer_builder=layer_builder)
