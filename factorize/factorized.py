@@ -190,6 +190,11 @@ def decompose(
     return (out, info) if return_info else out
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
+
+
 def _data_aware(kernel, fam, rank, inputs, *, damp, refine, centered, geometry, options):
     """The data-aware fit of ``decompose``: statistics checked, ``(S, target)`` built."""
     from factorize.conversion.calibration import InputStats, output_error
@@ -210,15 +215,11 @@ def _data_aware(kernel, fam, rank, inputs, *, damp, refine, centered, geometry, 
         raise ValueError(
             f"inputs: statistics of patch length {inputs.patch_size} do not fit a kernel "
             f"{shape}, whose patches have kh·kw·C = {p} entries")
-    if not all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(inputs)):
+    if not _all_finite(inputs):
         raise ValueError("inputs: the statistics have NaN/Inf entries")
     w = kernel.astype(jnp.float32)
-    s_hh, s_hx, _ = inputs.moments(centered)
-    s = data_aware.damped(s_hh, float(damp))
-    if inputs.asymmetric:  # W* = S_hh⁻¹ S_hx W (Zhang et al. 2016, Sec. 3.3), damped
-        target = jnp.linalg.solve(s, s_hx @ w.reshape(p, -1)).reshape(shape)
-    else:
-        target = w
+    s, target = data_aware.weight_and_target(w, inputs.moments(centered), float(damp),
+                                             inputs.asymmetric)
     factors, info = data_aware.fit(w, fam, rank, s, target, sweeps=int(refine),
                                    options=options)
     approx = chain_lib.compose(fam.chain(shape, rank), factors)

@@ -156,10 +156,16 @@ def output_error(
         f = factorize.decompose(w, "lowrank_out", 4)
         float(factorize.conversion.output_error(w, f.to_kernel(), stats))   # ≈ 0.4
     """
+    return _output_error(jnp.asarray(kernel, jnp.float32), jnp.asarray(approx, jnp.float32),
+                         stats, centered)
+
+
+@functools.partial(jax.jit, static_argnames="centered")
+def _output_error(kernel, approx, stats, centered):
     s_hh, s_hx, s_xx = stats.moments(centered)
     p = stats.patch_size
-    w = jnp.asarray(kernel, jnp.float32).reshape(p, -1)
-    a = jnp.asarray(approx, jnp.float32).reshape(p, -1)
+    w = kernel.reshape(p, -1)
+    a = approx.reshape(p, -1)
     ref = jnp.sum(w * (s_xx @ w))
     err = ref - 2 * jnp.sum(a * (s_hx @ w)) + jnp.sum(a * (s_hh @ a))
     return jnp.maximum(err, 0.0) / jnp.where(ref > 0, ref, 1.0)

@@ -127,6 +127,21 @@ def channel_whitened(project: Callable) -> Callable:
     return project_whitened
 
 
+@functools.partial(jax.jit, static_argnames=("damp", "asymmetric"))
+def weight_and_target(kernel, moments, damp: float, asymmetric: bool):
+    """``(S, target)`` from ``(S_hh, S_hx, S_xx)`` (``InputStats.moments``): ``S`` the damped
+    ``S_hh``; the target ``W``, or ``W* = S⁻¹ S_hx W`` for asymmetric statistics (Zhang et al.
+    2016, Sec. 3.3, with the damped ``S``)."""
+    s_hh, s_hx, _ = moments
+    s = damped(s_hh, damp)
+    if not asymmetric:
+        return s, kernel
+    p = s.shape[0]
+    w = kernel.reshape(p, -1)
+    target = jax.scipy.linalg.cho_solve((cholesky(s), True), s_hx @ w)
+    return s, target.reshape(kernel.shape)
+
+
 # --- the objective and the refinement --------------------------------------------------------
 
 
@@ -134,6 +149,11 @@ def objective(s: jax.Array, target: jax.Array, kernel: jax.Array) -> jax.Array:
     """``tr((K − T)ᵀ S (K − T))`` for kernels ``K``, ``T`` of shape ``(kh, kw, C, N)``."""
     d = (kernel - target).reshape(s.shape[0], -1)
     return jnp.sum(d * (s @ d))
+
+
+@functools.partial(jax.jit, static_argnames="stages")
+def _score(factors, s, target, *, stages):
+    return objective(s, target, chain_lib.compose(stages, factors))
 
 
 @functools.partial(jax.jit, static_argnames=("stages", "sweeps", "cg_iters"))
@@ -209,10 +229,8 @@ def fit(
     candidates = {"data-free": tuple(family.project(kernel, rank, **options)[0])}
     if family.project_whitened is not None:
         candidates["whitened"] = tuple(family.project_whitened(target, rank, s, **options))
-    scores = {
-        name: float(objective(s, target, chain_lib.compose(stages, fs)))
-        for name, fs in candidates.items()
-    }
+    scores = {name: float(_score(fs, s, target, stages=stages))
+              for name, fs in candidates.items()}
     finite = {k: v for k, v in scores.items() if jnp.isfinite(v)}
     init = min(finite, key=finite.get) if finite else "data-free"
     factors = candidates[init]
