@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
                     ModelSpec("cnn", 10, 1, {"widths": [8, 16, 16]}),
                     metadata={"dataset": "digits", "image_shape": [8, 8, 1]})
     setup = ba.Setup("digits", {0: str(root / "base")}, fractions=(0.25,),
-                     families=("lowrank_out",), mixed=("lowrank_out", "spatial"),
+                     families=("lowrank_out",), mixed=("lowrank_out",),
                      projections=("data-free",), holdout=32, calibrate=32, grid=(0.25, 0.5),
                      n_train=200, n_test=64)
     out = root / "out"
