@@ -305,10 +305,14 @@ def test_cli_calibrate_end_to_end(trained, capsys):
     root, ckpt = trained
     out = root / "dsc"
     assert main(["convert", str(ckpt), "--family", "dsc", "--macs", "0.25", "--skip", "^conv1$",
-                 "--calibrate", "128", "--out", str(out)]) == 0
+                 "--calibrate", "128", "--json", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
     report = json.loads((out / "report.json").read_text())
     rows = {r["path"]: r for r in report["layers"]}
     assert rows["conv1"]["output_error"] is None and 0 < rows["conv2"]["output_error"] < 1
+    assert summary["output_error_max"] == max(rows["conv2"]["output_error"],
+                                              rows["conv3"]["output_error"])
+    assert summary["calibration"]["images"] == 128
     meta = checkpoint.restore(out / "checkpoint", layer_builder=layer_builder,
                               return_meta=True)[1]["metadata"]
     assert meta["calibration"] == {"images": 128, "split": "train", "seed": 0,

@@ -216,6 +216,9 @@ def run_convert(args: argparse.Namespace) -> int:
         result = finetune(converted, ds, config, freeze_factors=args.freeze_factors)
         extra = {k: result[k] for k in ("accuracy_before", "accuracy_after", "freeze_factors")}
     spec = meta["spec"]
+    calibrated = {} if calibration is None else {"calibration": {
+        "images": len(calibration), "split": "train", "seed": args.calibration_seed,
+        "reconstruction": args.reconstruction}}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         report.save(tmp)
@@ -224,9 +227,6 @@ def run_convert(args: argparse.Namespace) -> int:
 
             atomic_write_json(tmp / "allocation.json", allocation.to_dict())
             atomic_write_text(tmp / "allocation.md", allocation.to_markdown())
-        calibrated = {} if calibration is None else {"calibration": {
-            "images": len(calibration), "split": "train", "seed": args.calibration_seed,
-            "reconstruction": args.reconstruction}}
         checkpoint.save(tmp / "checkpoint", converted, spec, metadata={
             **metadata, "converted_from": os.path.abspath(ckpt),
             "policy": policy.to_dict(), "mac_ratio": report.mac_ratio, **extra, **calibrated,
@@ -237,7 +237,8 @@ def run_convert(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    result, text = convert_summary(report, out, source=ckpt.absolute(), extra=extra)
+    result, text = convert_summary(report, out, source=ckpt.absolute(),
+                                   extra={**extra, **calibrated})
     if allocation is not None:
         a = allocation.to_dict()
         result["allocation"] = {k: a[k] for k in ("method", "fraction", "target_macs", "macs",

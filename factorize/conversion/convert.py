@@ -317,7 +317,7 @@ def _install(converted: nnx.Module, layer: nnx.Module, plan: _Planned, f,
     """Puts the factorized layer for ``plan`` (bias and geometry kept, or refitted on
     ``stats``) in ``converted`` and returns its report row."""
     bias = layer.bias[...] if layer.bias is not None else None
-    approx = f.to_kernel()
+    approx = None if stats is None else f.to_kernel()
     if stats is not None and bias is not None:
         # the output means match: b̂ = b + Wᵀ E[p_ref] − Ŵᵀ E[p]
         p = stats.patch_size

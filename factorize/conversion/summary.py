@@ -41,6 +41,12 @@ def convert_summary(
         f"({report.mac_ratio:.3f} of the model, convs {report.conv_mac_ratio:.3f}); params "
         f"{report.model_params_before:,} → {report.model_params_after:,}",
     ]
+    outputs = [r.output_error for r in done if r.output_error is not None]
+    if outputs:  # data-aware conversion
+        result["output_error_mean"] = sum(outputs) / len(outputs)
+        result["output_error_max"] = max(outputs)
+        lines.insert(1, f"relative output error on the calibration data mean "
+                        f"{result['output_error_mean']:.3f}, max {result['output_error_max']:.3f}")
     if "accuracy_after" in extra:
         lines.append(f"test accuracy {extra['accuracy_before']:.4f} converted → "
                      f"{extra['accuracy_after']:.4f} fine-tuned")
