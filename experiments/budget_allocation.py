@@ -351,7 +351,7 @@ def to_markdown(records: list[dict]) -> str:
     base = defaultdict(list)
     for r in records:
         if r.get("kind") == "baseline":
-            base[r["dataset"]].append(r["accuracy"])
+            base[r["dataset"], r["seed"]].append(r["accuracy"])
     lines = ["Test accuracy (%) of the converted network, mean ± half-range over the seeds "
              "present (n = seeds). Budget: the converted convs' MACs ≤ fraction × theirs "
              "(first conv and head kept), checked on every built model with `count_macs`; "
@@ -366,7 +366,7 @@ def to_markdown(records: list[dict]) -> str:
         seeds = sorted({r["seed"] for r in rows})
         when = "before fine-tuning" if ft == 0 else f"after {ft} epoch of fine-tuning"
         lines += [f"### {dataset}, ≤ {fraction:g} of the conv MACs, {when} (seeds {seeds}; "
-                  f"baseline {_cell(base[dataset])})", "",
+                  f"baseline {_cell([a for s in seeds for a in base[dataset, s]])})", "",
                   "| family | " + " | ".join(f"{p} {a}" for p, a in methods) + " |",
                   "|---|" + "---:|" * len(methods)]
         for family in (*FAMILIES, MIXED):
