@@ -32,6 +32,20 @@ def add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--macs", type=float, help="instead of --rank: MAC fraction per conv")
     p.add_argument("--skip", help="regex of layer paths to keep, e.g. '^conv1$'")
     p.add_argument("--rules", help="JSON rules file (see factorize.conversion.Policy)")
+    p.add_argument("--budget", type=float, metavar="FRACTION",
+                   help="whole-model budget: the converted convs' MACs at most this fraction of "
+                        "theirs, allocated per layer (instead of --family/--macs)")
+    p.add_argument("--allocation", choices=("uniform", "greedy", "knapsack"),
+                   help="with --budget: how ranks are allocated (default knapsack)")
+    p.add_argument("--families", help="with --budget: comma-separated families each layer may "
+                                      "take (default: --family)")
+    p.add_argument("--holdout", type=int, default=0, metavar="N",
+                   help="with --budget: score candidates by the loss on the last N training "
+                        "images (default 0: by the kernel error, no data)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --budget: score and allocate again with the other layers converted")
+    p.add_argument("--sensitivity-cache", metavar="FILE",
+                   help="with --budget: JSON file of per-layer scores, read and extended")
     p.add_argument("--workers", type=int, default=2,
                    help="threads decomposing the layers (grouped by kernel shape; 1: in order)")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
@@ -52,6 +66,87 @@ def add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="dataset for fine-tuning (default: the checkpoint's)")
     p.add_argument("--data-dir")
     p.add_argument("--out", required=True, help="new directory for checkpoint/ and report.*")
+
+
+BUDGET_ONLY = ("allocation", "families", "sensitivity_cache")
+
+
+def _check_budget_args(args: argparse.Namespace) -> list[str] | None:
+    """The families of a ``--budget`` run (``None`` without one); bad combinations raise."""
+    from factorize.families import FAMILIES
+
+    if args.budget is None:
+        given = [f"--{a.replace('_', '-')}" for a in BUDGET_ONLY if getattr(args, a)]
+        given += [f"--{a}" for a in ("holdout", "rounds")
+                  if getattr(args, a) != {"holdout": 0, "rounds": 1}[a]]
+        if given:
+            verb = "needs" if len(given) == 1 else "need"
+            raise ValueError(f"{', '.join(given)} {verb} --budget")
+        return None
+    if not 0.0 < args.budget <= 1.0:
+        raise ValueError(f"--budget must be a fraction in (0, 1], got {args.budget}")
+    clash = [f for f, v in (("--rules", args.rules), ("--macs", args.macs is not None),
+                            ("--rank", args.rank != "full")) if v]
+    if clash:
+        raise ValueError(f"--budget replaces {', '.join(clash)}; give one or the other")
+    if args.holdout < 0:
+        raise ValueError(f"--holdout must be >= 0, got {args.holdout}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.families and args.family:
+        raise ValueError("give either --families or --family with --budget, not both")
+    families = ([f.strip() for f in args.families.split(",") if f.strip()] if args.families
+                else [args.family] if args.family else [])
+    if not families:
+        raise ValueError("--budget needs --families (or --family)")
+    bad = [f for f in families if f not in FAMILIES or f == "full"]
+    if bad:
+        raise ValueError(f"--families: unknown {bad}; valid: "
+                         + ", ".join(f for f in FAMILIES if f != "full"))
+    return families
+
+
+def _budget_policy(args, families, model, image_shape, dataset, calibration):
+    """The allocated policy and its :class:`Allocation` for ``--budget`` (candidates fitted
+    data-aware on ``calibration`` when given)."""
+    import jax.numpy as jnp
+
+    from factorize.conversion.allocation import (
+        allocate,
+        convertible_layers,
+        data_aware_projection,
+        eval_scorer,
+    )
+
+    options = {f: {"n_iter": 50} for f in families if f.startswith("cp")}
+    projection = None
+    if calibration is not None:
+        paths = [s.path for s in convertible_layers(model, jnp.zeros((1, *image_shape)),
+                                                    skip=args.skip)]
+        projection = data_aware_projection(model, calibration, paths, options)
+
+    scorer = None
+    if args.holdout:
+        from factorize import data
+
+        if not dataset:
+            raise ValueError("--holdout needs --dataset (the checkpoint names none)")
+        ds = data.load(dataset, data_dir=args.data_dir)
+        if args.holdout > len(ds.x_train):
+            raise ValueError(f"--holdout {args.holdout} exceeds the {len(ds.x_train)} training "
+                             f"images of {dataset}")
+        scorer = eval_scorer(model, ds.x_train[-args.holdout:], ds.y_train[-args.holdout:])
+    try:
+        a = allocate(model, jnp.zeros((1, *image_shape)), families, args.budget,
+                     args.allocation or "knapsack", scorer=scorer, skip=args.skip,
+                     options=options, projection=projection, cache=args.sensitivity_cache,
+                     rounds=args.rounds)
+    except ValueError as e:
+        msg = str(e)
+        if msg.startswith("macs:"):
+            msg = f"--budget {args.budget:g}:" + msg[len("macs:"):]
+        raise ValueError(msg) from None
+    return a.policy, a
 
 
 def _policy(args: argparse.Namespace):
@@ -85,7 +180,8 @@ def run_convert(args: argparse.Namespace) -> int:
     from factorize.training import checkpoint, get_config
 
     out = _new_output_dir(args.out)
-    policy = _policy(args)
+    families = _check_budget_args(args)
+    policy = _policy(args) if families is None else None
     ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
     model, meta = checkpoint.restore(ckpt, layer_builder=layer_builder, return_meta=True)
     metadata = meta.get("metadata", {})
@@ -97,6 +193,10 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.calibrate:
         calibration = _calibration_images(args.calibrate, dataset, args.data_dir,
                                           args.calibration_seed)
+    allocation = None
+    if families is not None:
+        policy, allocation = _budget_policy(args, families, model, image_shape, dataset,
+                                            calibration)
     converted, report = convert(model, policy, jnp.zeros((1, *image_shape)), progress=True,
                                 workers=args.workers, calibration=calibration,
                                 reconstruction=args.reconstruction)
@@ -122,6 +222,11 @@ def run_convert(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         report.save(tmp)
+        if allocation is not None:
+            from factorize._io import atomic_write_json, atomic_write_text
+
+            atomic_write_json(tmp / "allocation.json", allocation.to_dict())
+            atomic_write_text(tmp / "allocation.md", allocation.to_markdown())
         checkpoint.save(tmp / "checkpoint", converted, spec, metadata={
             **metadata, "converted_from": os.path.abspath(ckpt),
             "policy": policy.to_dict(), "mac_ratio": report.mac_ratio, **extra, **calibrated,
@@ -132,8 +237,17 @@ def run_convert(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    emit(args, *convert_summary(report, out, source=ckpt.absolute(),
-                                extra={**extra, **calibrated}))
+    result, text = convert_summary(report, out, source=ckpt.absolute(),
+                                   extra={**extra, **calibrated})
+    if allocation is not None:
+        a = allocation.to_dict()
+        result["allocation"] = {k: a[k] for k in ("method", "fraction", "target_macs", "macs",
+                                                  "scorer", "projection", "threshold")}
+        result["allocation"]["layers"] = {p: {k: v for k, v in d.items() if k != "curve"}
+                                          for p, d in a["layers"].items()}
+        text = (allocation.to_markdown() + "\n" + text
+                + f"\nallocation (curves and choices): {out}/allocation.json, allocation.md")
+    emit(args, result, text)
     return 0
 
 

@@ -229,7 +229,19 @@ def convert(
         model_params_before=_params(model),
         model_params_after=_params(converted),
     )
+    if policy.target_macs is not None:
+        check_budget(report, policy)
     return converted, report
+
+
+def check_budget(report: ConversionReport, policy: Policy) -> None:
+    """Raises unless the converted model (``count_macs``, whole model) costs at most its
+    unconverted part plus ``policy.target_macs``."""
+    limit = report.model_macs_before - policy.convertible_macs + policy.target_macs
+    if report.model_macs_after > limit:
+        raise ValueError(
+            f"the converted model costs {report.model_macs_after:,} MACs (count_macs), above "
+            f"the budget's {limit:,} (target {policy.target_macs:,} for the converted layers)")
 
 
 def _decompose_all(converted, layers, rows, plans, workers, bar, stats=None, fit=None):

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from factorize.families import FAMILIES, RankArg, get_family
@@ -83,15 +84,23 @@ class Policy:
       on_infeasible: what to do with a layer whose family cannot meet a ``macs`` budget (e.g.
         ``lowrank_in`` on a 1-channel input): ``"error"`` (default) or ``"keep"`` it unchanged
         (reported).
+      target_macs: a whole-model budget (set by :meth:`budget`): the converted layers may cost
+        at most this many MACs per image; ``convert`` checks the built model against it.
+      convertible_macs: the original MACs of the layers the budget covers.
     """
 
     rules: tuple[Rule, ...]
     on_infeasible: str = "error"
+    target_macs: int | None = None
+    convertible_macs: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "rules", tuple(self.rules))
         if self.on_infeasible not in ("error", "keep"):
             raise ValueError(f"on_infeasible must be 'error' or 'keep', got {self.on_infeasible!r}")
+        if (self.target_macs is None) != (self.convertible_macs is None):
+            raise ValueError("target_macs and convertible_macs go together, got "
+                             f"{self.target_macs!r} and {self.convertible_macs!r}")
 
     def rule_for(self, path: str, layer_type: str, kernel_size: tuple[int, int]) -> Rule | None:
         for rule in self.rules:
@@ -130,6 +139,43 @@ class Policy:
         return cls(tuple(rules), on_infeasible=on_infeasible)
 
     @classmethod
+    def budget(
+        cls,
+        families: str | Sequence[str],
+        macs: float = 0.25,
+        allocation: str = "knapsack",
+        *,
+        model: Any,
+        sample_input: Any,
+        return_allocation: bool = False,
+        **kwargs: Any,
+    ) -> Policy | tuple[Policy, Any]:
+        """A whole-model MAC budget: each convertible conv's family (among ``families``) and
+        rank chosen so that their MACs total at most ``macs`` × their original MACs.
+
+        ``allocation`` is ``"uniform"``, ``"greedy"`` (AIMET) or ``"knapsack"`` (exact DP);
+        ``kwargs`` go to :func:`factorize.conversion.allocation.allocate` (``scorer``, ``skip``,
+        ``cache``, ``rounds``, ...). The policy has one rule per layer and its ``target_macs``;
+        with ``return_allocation`` the :class:`~factorize.conversion.allocation.Allocation`
+        (curves, choices and why) comes too.
+
+        Example::
+
+            from factorize.conversion import Policy, convert
+            from factorize.models import CNN
+
+            model, x = CNN(10, 1, rngs=nnx.Rngs(0)), jnp.zeros((1, 8, 8, 1))
+            policy = Policy.budget(["dsc", "cp3"], macs=0.25, model=model, sample_input=x,
+                                   skip="^conv1$")
+            small, report = convert(model, policy, x)  # checks the budget with count_macs
+            print(report.to_markdown())
+        """
+        from factorize.conversion.allocation import allocate
+
+        a = allocate(model, sample_input, families, macs, allocation, **kwargs)
+        return (a.policy, a) if return_allocation else a.policy
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
         if not isinstance(d, dict) or not isinstance(d.get("rules"), list):
             raise ValueError(
@@ -149,7 +195,8 @@ class Policy:
             if "family" not in r:
                 raise ValueError(f"rules[{i}] needs a 'family' ({FAMILIES} or null), got {r}")
             rules.append(Rule(**r))
-        return cls(tuple(rules), on_infeasible=d.get("on_infeasible", "error"))
+        return cls(tuple(rules), on_infeasible=d.get("on_infeasible", "error"),
+                   target_macs=d.get("target_macs"), convertible_macs=d.get("convertible_macs"))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Policy:
@@ -170,4 +217,6 @@ class Policy:
                 for r in self.rules
             ],
             "on_infeasible": self.on_infeasible,
+            **({"target_macs": self.target_macs, "convertible_macs": self.convertible_macs}
+               if self.target_macs is not None else {}),
         }

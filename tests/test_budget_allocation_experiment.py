@@ -1,0 +1,77 @@
+"""experiments/budget_allocation.py on a tiny config: rows, budget check, resume, rebuilt tables."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from experiment_scripts import load
+from flax import nnx
+
+ba = load("budget_allocation")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from factorize.models import CNN, ModelSpec
+    from factorize.training import checkpoint
+
+    root = tmp_path_factory.mktemp("ba")
+    # an untrained network: the pipeline, not the accuracy, is under test
+    model = CNN(10, 1, widths=(8, 16, 16), rngs=nnx.Rngs(0))
+    checkpoint.save(root / "base" / "checkpoint", model,
+                    ModelSpec("cnn", 10, 1, {"widths": [8, 16, 16]}),
+                    metadata={"dataset": "digits", "image_shape": [8, 8, 1]})
+    setup = ba.Setup("digits", {0: str(root / "base")}, fractions=(0.25,),
+                     families=("lowrank_out",), mixed=("lowrank_out",),
+                     projections=("data-free",), holdout=32, calibrate=32, grid=(0.25, 0.5),
+                     n_train=200, n_test=64)
+    out = root / "out"
+    records = ba.run({"digits": setup}, out, stage="digits")
+    return setup, out, records
+
+
+def test_rows_meet_the_budget_and_tables_are_built(tiny):
+    setup, out, records = tiny
+    conv = [r for r in records if r["kind"] == "convert"]
+    # lowrank_out and mixed, each uniform / knapsack / greedy (greedy at 1/4)
+    assert sorted((r["family"], r["allocation"]) for r in conv) == [
+        (f, a) for f in ("lowrank_out", "mixed") for a in ("greedy", "knapsack", "uniform")]
+    for r in conv:
+        assert r["status"] == "ok" and r["budget_met"]
+        assert r["alloc_macs"] <= r["target_macs"]
+        assert r["macs"] <= r["baseline_macs"] - r["alloc_macs"] / r["converted_fraction"] \
+            + r["target_macs"] + 1
+    assert {p.name for p in out.iterdir()} >= {"results.jsonl", "results.csv", "results.md",
+                                               "accuracy_vs_macs.png", "sensitivity.json"}
+    md = (out / "results.md").read_text()
+    assert "| mixed |" in md and "data-free knapsack" in md
+    assert "Budget met (count_macs of the built model ≤ limit) in 6 of 6" in md
+
+
+def test_resume_does_nothing_and_rebuild_restores_tables(tiny, capsys):
+    setup, out, _ = tiny
+    before = (out / "results.jsonl").read_text()
+    md, csv = (out / "results.md").read_text(), (out / "results.csv").read_text()
+    capsys.readouterr()
+    ba.run({"digits": setup}, out, stage="digits")
+    assert "6 of 6 rows done, 0 to run" in capsys.readouterr().out
+    assert (out / "results.jsonl").read_text() == before
+    (out / "results.md").unlink()
+    (out / "results.csv").unlink()
+    assert ba.main(["--rebuild", "--out", str(out)]) == 0
+    assert (out / "results.md").read_text() == md and (out / "results.csv").read_text() == csv
+
+
+def test_plan_puts_the_cheapest_most_important_rows_first():
+    rows = ba.plan(ba.SETUPS)
+    first = [r for r in rows[:27]]
+    assert all((r.dataset, r.seed, r.fraction, r.finetune_epochs) ==
+               ("fashion_mnist", 0, 0.25, 0) for r in first)
+    kinds = [(r.dataset, r.finetune_epochs) for r in rows]
+    assert kinds.index(("digits", 0)) < kinds.index(("fashion_mnist", 1))
+    assert all(r.finetune_epochs == 0 for r in rows[: kinds.index(("fashion_mnist", 1))])
+    assert len({r.run_id for r in rows}) == len(rows)
+    with pytest.raises(ValueError, match="--stage must be one of"):
+        ba.plan(ba.SETUPS, "nope")
+    assert dataclasses.replace(rows[0], finetune_epochs=1).run_id.endswith("/ft1")
