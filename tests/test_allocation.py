@@ -286,3 +286,21 @@ def test_cli_budget_writes_the_allocation(ckpt, tmp_path, capsys):
     assert sum(after[p] for p in ("conv2", "conv3")) == alloc["macs"]
     assert "Allocation `greedy`" in capsys.readouterr().out
     assert jnp.isfinite(report["totals"]["model_macs_after"])
+
+
+def test_cli_budget_with_calibration_fits_data_aware(ckpt, tmp_path, capsys):
+    """--budget with --calibrate: the candidates and the installed layers are fitted to the
+    layers' outputs (rows carry an output error), and the budget still holds."""
+    from factorize.cli import main
+
+    out = tmp_path / "aware"
+    assert main(["convert", str(ckpt), "--budget", "0.3", "--families", "lowrank_out,tucker2",
+                 "--skip", "^conv1$", "--calibrate", "64", "--workers", "1",
+                 "--out", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    alloc = json.loads((out / "allocation.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert alloc["macs"] <= alloc["target_macs"]
+    converted = [r for r in report["layers"] if r["family"] not in (None, "full")]
+    assert converted and all(r["output_error"] is not None for r in converted)
+    assert res["calibration"]

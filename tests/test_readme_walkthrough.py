@@ -124,6 +124,11 @@ COVERED = {
         "tests/test_accuracy_vs_flops.py",
     "python experiments/bench_latency.py --all-configs --repeats 5": "tests/test_benchmarks.py",
     "python experiments/bench_decompose.py": "tests/test_benchmarks.py",
+    "python experiments/budget_allocation.py --stage fm-quarter":
+        "tests/test_budget_allocation_experiment.py",
+    # the same flags on a digits checkpoint; zoo: paths in tests/test_zoo.py
+    "factorize convert zoo:fm-cnn-seed0 --budget 0.25 --families tucker2,cp3 --skip '^conv1$' "
+    "--calibrate 512 --out runs/fm-budget": "tests/test_allocation.py",
     "bash scripts/docs.sh site": "scripts/test.sh (bash scripts/docs.sh)",
 }
 
