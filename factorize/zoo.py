@@ -12,7 +12,6 @@ producing wrong numbers. Every command that takes a checkpoint accepts ``zoo:NAM
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from factorize._io import atomic_write_json
+from factorize._io import atomic_write_json, sha256_file
 from factorize.training.checkpoint import CHECKPOINT_DIR, CheckpointError
 
 __all__ = ["ROOT", "ZooError", "add", "info", "list_models", "load", "path"]
@@ -79,17 +78,9 @@ def info(name: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
     return models[name]
 
 
-def _sha256(f: Path) -> str:
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files(directory: Path) -> dict[str, dict[str, Any]]:
     return {
-        p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(directory.rglob("*"))
         if p.is_file()
     }
@@ -119,7 +110,7 @@ def path(name: str, root: str | os.PathLike | None = None, *, verify: bool = Tru
             if f.stat().st_size != want["size"]:
                 raise ZooError(f"{f}: zoo file truncated or corrupt: expected {want['size']} "
                                f"bytes, got {f.stat().st_size}")
-            if _sha256(f) != want["sha256"]:
+            if sha256_file(f) != want["sha256"]:
                 raise ZooError(f"{f}: zoo file corrupt: sha256 does not match {MANIFEST}")
     return directory
 

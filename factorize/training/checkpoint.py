@@ -18,7 +18,6 @@ instead of failing deep inside orbax.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from factorize._io import sha256_file
 from factorize.models.spec import LayerBuilder, ModelSpec, build, record_layers
 
 FORMAT = 1
@@ -50,17 +50,9 @@ def _variables(model: nnx.Module) -> dict[str, nnx.Variable]:
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _manifest(root: Path) -> dict[str, list]:
     return {
-        str(p.relative_to(root)): [p.stat().st_size, _sha256(p)]
+        str(p.relative_to(root)): [p.stat().st_size, sha256_file(p)]
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
@@ -181,7 +173,7 @@ def _verify(root: Path, manifest: dict[str, list]) -> None:
             raise CheckpointError(
                 f"{f}: checkpoint file truncated or corrupt: expected {size} bytes, got {got}"
             )
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"{f}: checkpoint file corrupt: sha256 does not match")
 
 
