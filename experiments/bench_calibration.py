@@ -16,13 +16,13 @@ before any fine-tuning, next to the data-free conversion's.
 
 Command (the figure in docs/data_aware.md):
 
-    python experiments/bench_calibration.py --checkpoint /work/jobs/fm-cnn-seed0/checkpoint \\
+    python experiments/bench_calibration.py --checkpoint zoo:fm-cnn-seed0 \\
         --families cp3 --json results/benchmarks/calibration.json
 
 The accuracy table of docs/data_aware.md (every family, both reconstructions, one call each):
 
     for r in symmetric asymmetric; do python experiments/bench_calibration.py \
-        --checkpoint /work/jobs/fm-cnn-seed0/checkpoint --repeats 0 --reconstruction $r \
+        --checkpoint zoo:fm-cnn-seed0 --repeats 0 --reconstruction $r \
         --families dsc,bsconv,spatial,lowrank_in,lowrank_out,tucker2,cp3,cp4 \
         --json results/fashion_mnist/data_aware_$r.json; done
 
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     if args.json:
         atomic_write_json(args.json, {
-            "checkpoint": os.path.abspath(args.checkpoint), "baseline_accuracy": baseline,
+            "checkpoint": str(checkpoint.resolve_checkpoint(args.checkpoint)),
+            "baseline_accuracy": baseline,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
             "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                      time.gmtime()),

@@ -65,8 +65,8 @@ class Setup:
 
 
 SETUPS = {
-    "fashion_mnist": Setup("fashion_mnist", {0: "/work/jobs/fm-cnn-seed0",
-                                             1: "/work/jobs/fm-cnn-seed1"}),
+    "fashion_mnist": Setup("fashion_mnist", {0: "zoo/fm-cnn-seed0",
+                                             1: "zoo/fm-cnn-seed1"}),
     "digits": Setup("digits", {0: "runs/allocation/digits-seed0",
                                1: "runs/allocation/digits-seed1"},
                     holdout=300, calibrate=256, train_epochs=15),
