@@ -17,7 +17,7 @@ before any fine-tuning, next to the data-free conversion's.
 Command (the figure in docs/data_aware.md):
 
     python experiments/bench_calibration.py --checkpoint zoo:fm-cnn-seed0 \\
-        --families cp3 --json results/benchmarks/calibration.json
+        --families dsc --json results/benchmarks/calibration.json
 
 The accuracy table of docs/data_aware.md (every family, both reconstructions, one call each):
 
