@@ -9,10 +9,12 @@ so a failed command leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +108,7 @@ def _check_budget_args(args: argparse.Namespace) -> list[str] | None:
     return families
 
 
-def _budget_policy(args, families, model, image_shape, dataset, calibration):
+def _budget_policy(args, families, model, image_shape, dataset, calibration, load_data):
     """The allocated policy and its :class:`Allocation` for ``--budget`` (candidates fitted
     data-aware on ``calibration`` when given)."""
     import jax.numpy as jnp
@@ -127,11 +129,9 @@ def _budget_policy(args, families, model, image_shape, dataset, calibration):
 
     scorer = None
     if args.holdout:
-        from factorize import data
-
         if not dataset:
             raise ValueError("--holdout needs --dataset (the checkpoint names none)")
-        ds = data.load(dataset, data_dir=args.data_dir)
+        ds = load_data()
         if args.holdout > len(ds.x_train):
             raise ValueError(f"--holdout {args.holdout} exceeds the {len(ds.x_train)} training "
                              f"images of {dataset}")
@@ -173,6 +173,7 @@ def _new_output_dir(out: str) -> Path:
 def run_convert(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
+    from factorize import data
     from factorize.cli import emit
     from factorize.conversion import convert, layer_builder
     from factorize.conversion.finetune import finetune
@@ -189,14 +190,16 @@ def run_convert(args: argparse.Namespace) -> int:
     dataset = args.dataset or metadata.get("dataset")
     if image_shape is None:
         raise ValueError(f"{args.checkpoint}: checkpoint metadata lacks image_shape")
+    # calibration, the holdout and fine-tuning all read the same dataset: load it once
+    load_data = functools.cache(lambda: data.load(dataset, data_dir=args.data_dir))
     calibration = None
     if args.calibrate:
-        calibration = _calibration_images(args.calibrate, dataset, args.data_dir,
+        calibration = _calibration_images(args.calibrate, dataset, load_data,
                                           args.calibration_seed)
     allocation = None
     if families is not None:
         policy, allocation = _budget_policy(args, families, model, image_shape, dataset,
-                                            calibration)
+                                            calibration, load_data)
     converted, report = convert(model, policy, jnp.zeros((1, *image_shape)), progress=True,
                                 workers=args.workers, calibration=calibration,
                                 reconstruction=args.reconstruction)
@@ -206,11 +209,9 @@ def run_convert(args: argparse.Namespace) -> int:
                          + ", ".join(r.path for r in report.rows))
     extra: dict[str, Any] = {}
     if args.finetune_epochs > 0:
-        from factorize import data
-
         if not dataset:
             raise ValueError("--dataset is required to fine-tune (the checkpoint names none)")
-        ds = data.load(dataset, data_dir=args.data_dir)
+        ds = load_data()
         config = get_config(dataset, meta["spec"].model, epochs=args.finetune_epochs,
                             learning_rate=args.learning_rate, warmup_epochs=0.0)
         result = finetune(converted, ds, config, freeze_factors=args.freeze_factors)
@@ -251,16 +252,15 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration_images(n: int, dataset: str | None, data_dir: str | None,
+def _calibration_images(n: int, dataset: str | None, load_data: Callable[[], Any],
                         seed: int) -> np.ndarray:
-    """``n`` training images of ``dataset``, a subset drawn with ``seed``."""
-    from factorize import data
-
+    """``n`` training images of ``dataset`` (``load_data()`` returns it), a subset drawn with
+    ``seed``."""
     if n < 0:
         raise ValueError(f"--calibrate must be a number of images >= 1, got {n}")
     if not dataset:
         raise ValueError("--calibrate needs --dataset (the checkpoint names none)")
-    x = data.load(dataset, data_dir=data_dir).x_train
+    x = load_data().x_train
     if n > len(x):
         raise ValueError(f"--calibrate {n}: the {dataset} training split has only {len(x)} "
                          f"images")
