@@ -58,6 +58,7 @@ def add_import_torch(p: argparse.ArgumentParser) -> None:
 def run_import_torch(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
+    from factorize._io import sha256_file
     from factorize.cli import emit
     from factorize.costs import count_macs
     from factorize.models import count_params
@@ -79,7 +80,7 @@ def run_import_torch(args: argparse.Namespace) -> int:
     info = {
         "arch": arch, "model": spec.model, "num_classes": spec.num_classes,
         "in_channels": spec.in_channels, "image_shape": list(image_shape),
-        "source": str(source.absolute()), "source_sha256": checkpoint._sha256(source),
+        "source": str(source.absolute()), "source_sha256": sha256_file(source),
         "params": count_params(model), "macs": int(macs),
     }
     metadata = {k: info[k] for k in ("arch", "image_shape", "source", "source_sha256")}
