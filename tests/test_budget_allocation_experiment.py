@@ -75,3 +75,28 @@ def test_plan_puts_the_cheapest_most_important_rows_first():
     with pytest.raises(ValueError, match="--stage must be one of"):
         ba.plan(ba.SETUPS, "nope")
     assert dataclasses.replace(rows[0], finetune_epochs=1).run_id.endswith("/ft1")
+    tuned = ba.plan(ba.SETUPS, "fm-finetune")
+    symmetric = [r.projection == "symmetric" for r in tuned]
+    assert symmetric == sorted(symmetric) and {r.seed for r in tuned[:symmetric.index(True)]} \
+        == set(ba.SETUPS["fashion_mnist"].checkpoints)
+
+
+def test_unseen_holdout_baselines_never_train_on_the_scoring_images(tmp_path, monkeypatch):
+    import factorize.training as training
+
+    seen = []
+
+    def fake_train(config, workdir):
+        seen.append(config)
+        (workdir / "checkpoint").mkdir(parents=True)
+
+    monkeypatch.setattr(training, "train_and_evaluate", fake_train)
+    setup = dataclasses.replace(ba.SETUPS["digits_heldout"], checkpoints={0: str(tmp_path / "b")})
+    ctx = ba.Context({"digits_heldout": setup}, tmp_path / "out")
+    assert ctx.checkpoint("digits_heldout", 0) == tmp_path / "b" / "checkpoint"
+    (config,) = seen
+    n = len(ctx.data("digits_heldout").x_train)
+    assert (config.dataset, config.n_train, config.seed) == ("digits", n - setup.holdout, 0)
+    rows = ba.plan(ba.SETUPS, "digits-heldout")
+    assert {r.dataset for r in rows} == {"digits_heldout"}
+    assert len(rows) == len(ba.plan(ba.SETUPS, "digits")) == 2 * (54 + 81 + 54)
