@@ -381,7 +381,7 @@ def to_markdown(records: list[dict]) -> str:
              "(first conv and head kept), checked on every built model with `count_macs`; "
              "– : no row; ✗ : the budget is below what the method can reach.", ""]
     groups = sorted({(r["dataset"], r["fraction"], r["finetune_epochs"]) for r in conv},
-                    key=lambda g: (g[0] != "fashion_mnist", g[2], -g[1]))
+                    key=lambda g: (g[0] != "fashion_mnist", g[0], g[2], -g[1]))
     for dataset, fraction, ft in groups:
         rows = [r for r in conv if (r["dataset"], r["fraction"], r["finetune_epochs"])
                 == (dataset, fraction, ft)]
@@ -424,7 +424,7 @@ def verdict(records: list[dict]) -> list[str]:
     conv = [r for r in records if r.get("kind") == "convert" and r["finetune_epochs"] == 0]
     out = ["### Verdict (computed from the rows above, before fine-tuning)", ""]
     for dataset, fraction in sorted({(r["dataset"], r["fraction"]) for r in conv},
-                                    key=lambda g: (g[0] != "fashion_mnist", -g[1])):
+                                    key=lambda g: (g[0] != "fashion_mnist", g[0], -g[1])):
         rows = [r for r in conv if (r["dataset"], r["fraction"]) == (dataset, fraction)]
         base = [r["accuracy"] for r in records if r.get("kind") == "baseline"
                 and r["dataset"] == dataset and r["seed"] in {x["seed"] for x in rows}]
