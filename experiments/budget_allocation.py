@@ -17,6 +17,8 @@ Commands and expected runtimes (2 shared CPU cores):
     python experiments/budget_allocation.py                  # everything: hours
     python experiments/budget_allocation.py --stage fm-quarter     # FM seed 0 at 1/4: ≈ 30 min
     python experiments/budget_allocation.py --stage digits         # digits grid: ≈ 20 min
+    python experiments/budget_allocation.py --stage fm-finetune    # FM, 1 epoch: ≈ 1.5 min a row
+    python experiments/budget_allocation.py --stage digits-heldout  # unseen curve images: ≈ 25 min
     python experiments/budget_allocation.py --rebuild              # tables and plot only
     python experiments/budget_allocation.py --quick --out /tmp/q   # tests: < 1 min
 
