@@ -19,6 +19,7 @@ Commands and expected runtimes (2 shared CPU cores):
     python experiments/budget_allocation.py --stage digits         # digits grid: ≈ 20 min
     python experiments/budget_allocation.py --stage fm-finetune    # FM, 1 epoch: ≈ 1.5 min a row
     python experiments/budget_allocation.py --stage digits-heldout  # unseen curve images: ≈ 25 min
+    python experiments/budget_allocation.py --stage fm-finetune-rest  # FM 1/2, 1/8 tuned: ≈ 5 h
     python experiments/budget_allocation.py --rebuild              # tables and plot only
     python experiments/budget_allocation.py --quick --out /tmp/q   # tests: < 1 min
 
@@ -127,7 +128,8 @@ def _rows(s: Setup, seeds, fractions, finetune: int = 0) -> list[Row]:
     return out
 
 
-STAGES = ("fm-quarter", "digits", "fm-rest", "fm-finetune", "digits-finetune", "digits-heldout")
+STAGES = ("fm-quarter", "digits", "fm-rest", "fm-finetune", "digits-finetune", "digits-heldout",
+          "fm-finetune-rest")
 
 
 def plan(setups: dict[str, Setup], stage: str = "all") -> list[Row]:
@@ -148,10 +150,14 @@ def plan(setups: dict[str, Setup], stage: str = "all") -> list[Row]:
                              if r not in set(stages["fm-quarter"])]
         # the fine-tuned rows the summary table needs first: data-free and asymmetric for
         # every seed (the mixed row first), then symmetric
-        tuned = [dataclasses.replace(r, finetune_epochs=1) for r in _rows(fm, seeds, [0.25])
-                 if r.allocation != "greedy"]
-        stages["fm-finetune"] = sorted(tuned, key=lambda r: (
-            r.projection == "symmetric", r.seed, r.family != MIXED))
+        def tuned(fractions):
+            rows = [dataclasses.replace(r, finetune_epochs=1)
+                    for r in _rows(fm, seeds, fractions) if r.allocation != "greedy"]
+            return sorted(rows, key=lambda r: (r.projection == "symmetric", r.seed,
+                                               r.fraction, r.family != MIXED))
+
+        stages["fm-finetune"] = tuned([0.25])
+        stages["fm-finetune-rest"] = tuned([f for f in fm.fractions if f != 0.25])
     if dg:
         stages["digits-finetune"] = [dataclasses.replace(r, finetune_epochs=1)
                                      for r in stages["digits"] if r.allocation != "greedy"]
