@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 from experiment_scripts import load
@@ -75,6 +76,12 @@ def test_plan_puts_the_cheapest_most_important_rows_first():
     with pytest.raises(ValueError, match="--stage must be one of"):
         ba.plan(ba.SETUPS, "nope")
     assert dataclasses.replace(rows[0], finetune_epochs=1).run_id.endswith("/ft1")
+    # the re-scored knapsack: one row per one-round knapsack row of the arms it covers
+    rescored = ba.plan(ba.SETUPS, "rounds2")
+    assert {r.allocation for r in rescored} == {"knapsack-r2"}
+    knap = {dataclasses.replace(r, allocation="knapsack-r2") for r in rows
+            if r.allocation == "knapsack" and r.finetune_epochs == 0}
+    assert set(rescored) <= knap and len(set(rescored)) == len(rescored)
     tuned = ba.plan(ba.SETUPS, "fm-finetune")
     symmetric = [r.projection == "symmetric" for r in tuned]
     assert symmetric == sorted(symmetric) and {r.seed for r in tuned[:symmetric.index(True)]} \
@@ -100,3 +107,44 @@ def test_unseen_holdout_baselines_never_train_on_the_scoring_images(tmp_path, mo
     rows = ba.plan(ba.SETUPS, "digits-heldout")
     assert {r.dataset for r in rows} == {"digits_heldout"}
     assert len(rows) == len(ba.plan(ba.SETUPS, "digits")) == 2 * (54 + 81 + 54)
+
+
+def test_rescored_knapsack_row_scores_the_curves_again(tiny):
+    import json
+
+    setup, out, _ = tiny
+    ctx = ba.Context({"digits": setup}, out)
+    n_before = len(json.loads((out / "sensitivity.json").read_text())["entries"])
+    row = ba.Row("digits", 0, 0.25, "lowrank_out", "data-free", "knapsack-r2")
+    rec = ba.run_row(row, ctx)
+    assert rec["status"] == "ok" and rec["budget_met"] and rec["alloc_macs"] <= rec["target_macs"]
+    # round two scores each layer with the other converted: new cache entries
+    assert len(json.loads((out / "sensitivity.json").read_text())["entries"]) > n_before
+
+
+def test_rows_on_another_network_than_the_recorded_baseline_are_refused(tmp_path):
+    from factorize.models import CNN, ModelSpec
+    from factorize.training import checkpoint
+
+    def save(seed):
+        model = CNN(10, 1, widths=(8, 16, 16), rngs=nnx.Rngs(seed))
+        checkpoint.save(tmp_path / "base" / "checkpoint", model,
+                        ModelSpec("cnn", 10, 1, {"widths": [8, 16, 16]}),
+                        metadata={"dataset": "digits", "image_shape": [8, 8, 1]})
+
+    save(0)
+    setup = ba.Setup("digits", {0: str(tmp_path / "base")}, fractions=(0.25,),
+                     families=("lowrank_out",), mixed=("lowrank_out",),
+                     projections=("data-free",), holdout=32, calibrate=32, grid=(0.25, 0.5),
+                     n_train=200, n_test=64)
+    out = tmp_path / "out"
+    records = ba.run({"digits": setup}, out, stage="digits", limit=1)
+    (base,) = [r for r in records if r["kind"] == "baseline"]
+    (row,) = [r for r in records if r["kind"] == "convert"]
+    assert row["model"] == base["model"]
+    before = (out / "results.jsonl").read_text()
+    shutil.rmtree(tmp_path / "base")
+    save(1)  # the same path, another network
+    with pytest.raises(ValueError, match="measured on " + base["model"]):
+        ba.run({"digits": setup}, out, stage="digits")
+    assert (out / "results.jsonl").read_text() == before
