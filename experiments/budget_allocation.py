@@ -417,7 +417,8 @@ def to_markdown(records: list[dict]) -> str:
     lines = ["Test accuracy (%) of the converted network, mean ± half-range over the seeds "
              "present (n = seeds). Budget: the converted convs' MACs ≤ fraction × theirs "
              "(first conv and head kept), checked on every built model with `count_macs`; "
-             "– : no row; ✗ : the budget is below what the method can reach.", ""]
+             "– : no row; ✗ : the budget is below what the method can reach; † : fewer seeds "
+             "than the heading's (seed 0 only).", ""]
     groups = sorted({(r["dataset"], r["fraction"], r["finetune_epochs"]) for r in conv},
                     key=lambda g: (g[0] != "fashion_mnist", g[0], g[2], -g[1]))
     for dataset, fraction, ft in groups:
@@ -437,7 +438,8 @@ def to_markdown(records: list[dict]) -> str:
                 sel = [r for r in rows if (r["family"], r["projection"], r["allocation"])
                        == (family, p, a)]
                 ok = [r[key] for r in sel if r["status"] == "ok"]
-                cells.append(_cell(ok) if ok else ("✗" if sel else "–"))
+                short = "†" if sel and len({r["seed"] for r in sel}) < len(seeds) else ""
+                cells.append((_cell(ok) if ok else ("✗" if sel else "–")) + short)
             if any(c != "–" for c in cells):
                 lines.append(f"| {family} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -509,9 +511,11 @@ def verdict(records: list[dict]) -> list[str]:
             wins = ties = total = 0
             for family in (*FAMILIES, MIXED):
                 for p in PROJECTIONS:
-                    u, k = (_mean([r for r in rows if (r["family"], r["projection"],
-                                                       r["allocation"]) == (family, p, a)])
+                    u, k = ([r for r in rows if (r["family"], r["projection"],
+                                                 r["allocation"]) == (family, p, a)]
                             for a in ("uniform", allocated))
+                    both = {r["seed"] for r in u} & {r["seed"] for r in k}  # like for like
+                    u, k = (_mean([r for r in x if r["seed"] in both]) for x in (u, k))
                     if u is None or k is None:
                         continue
                     total += 1
