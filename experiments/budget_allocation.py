@@ -418,7 +418,7 @@ def to_markdown(records: list[dict]) -> str:
              "present (n = seeds). Budget: the converted convs' MACs ≤ fraction × theirs "
              "(first conv and head kept), checked on every built model with `count_macs`; "
              "– : no row; ✗ : the budget is below what the method can reach; † : fewer seeds "
-             "than the heading's (seed 0 only).", ""]
+             "than the heading's.", ""]
     groups = sorted({(r["dataset"], r["fraction"], r["finetune_epochs"]) for r in conv},
                     key=lambda g: (g[0] != "fashion_mnist", g[0], g[2], -g[1]))
     for dataset, fraction, ft in groups:
@@ -479,7 +479,7 @@ def verdict(records: list[dict]) -> list[str]:
             cands = [c for c in cands if c[0] is not None]
             return max(cands) if cands else None
 
-        aware, alloc = ("symmetric", "asymmetric"), ("knapsack", "greedy", "knapsack-r2")
+        aware, alloc = ("symmetric", "asymmetric"), ("knapsack", "greedy", *ROUNDS)
         best = [(pick(f, aware, alloc), f) for f in (*FAMILIES, MIXED)]
         best = [(c, f) for c, f in best if c is not None]
         head = f"- {dataset} at ≤ {fraction:g} (baseline {100 * b:.2f}):"
@@ -507,7 +507,7 @@ def verdict(records: list[dict]) -> list[str]:
         out.append(f"  Families ≥ 20 points above data-free uniform or within 5 of the "
                    f"baseline: {n_fam - len(short) + bool(never)} of {n_fam + len(never)}"
                    + (f"; short: {', '.join(short)}." if short else "."))
-        for allocated in ("knapsack", "knapsack-r2"):
+        for allocated in ("knapsack", *ROUNDS):
             wins = ties = total = 0
             for family in (*FAMILIES, MIXED):
                 for p in PROJECTIONS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import pytest
@@ -12,21 +13,26 @@ from flax import nnx
 ba = load("budget_allocation")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def _tiny_baseline(root, seed: int = 0):
+    """An untrained small CNN saved under ``root/base`` (the pipeline, not the accuracy, is
+    under test) and a one-family digits setup that reads it."""
     from factorize.models import CNN, ModelSpec
     from factorize.training import checkpoint
 
-    root = tmp_path_factory.mktemp("ba")
-    # an untrained network: the pipeline, not the accuracy, is under test
-    model = CNN(10, 1, widths=(8, 16, 16), rngs=nnx.Rngs(0))
+    model = CNN(10, 1, widths=(8, 16, 16), rngs=nnx.Rngs(seed))
     checkpoint.save(root / "base" / "checkpoint", model,
                     ModelSpec("cnn", 10, 1, {"widths": [8, 16, 16]}),
                     metadata={"dataset": "digits", "image_shape": [8, 8, 1]})
-    setup = ba.Setup("digits", {0: str(root / "base")}, fractions=(0.25,),
-                     families=("lowrank_out",), mixed=("lowrank_out",),
-                     projections=("data-free",), holdout=32, calibrate=32, grid=(0.25, 0.5),
-                     n_train=200, n_test=64)
+    return ba.Setup("digits", {0: str(root / "base")}, fractions=(0.25,),
+                    families=("lowrank_out",), mixed=("lowrank_out",),
+                    projections=("data-free",), holdout=32, calibrate=32, grid=(0.25, 0.5),
+                    n_train=200, n_test=64)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ba")
+    setup = _tiny_baseline(root)
     out = root / "out"
     records = ba.run({"digits": setup}, out, stage="digits")
     return setup, out, records
@@ -110,8 +116,6 @@ def test_unseen_holdout_baselines_never_train_on_the_scoring_images(tmp_path, mo
 
 
 def test_rescored_knapsack_row_scores_the_curves_again(tiny):
-    import json
-
     setup, out, _ = tiny
     ctx = ba.Context({"digits": setup}, out)
     n_before = len(json.loads((out / "sensitivity.json").read_text())["entries"])
@@ -123,20 +127,7 @@ def test_rescored_knapsack_row_scores_the_curves_again(tiny):
 
 
 def test_rows_on_another_network_than_the_recorded_baseline_are_refused(tmp_path):
-    from factorize.models import CNN, ModelSpec
-    from factorize.training import checkpoint
-
-    def save(seed):
-        model = CNN(10, 1, widths=(8, 16, 16), rngs=nnx.Rngs(seed))
-        checkpoint.save(tmp_path / "base" / "checkpoint", model,
-                        ModelSpec("cnn", 10, 1, {"widths": [8, 16, 16]}),
-                        metadata={"dataset": "digits", "image_shape": [8, 8, 1]})
-
-    save(0)
-    setup = ba.Setup("digits", {0: str(tmp_path / "base")}, fractions=(0.25,),
-                     families=("lowrank_out",), mixed=("lowrank_out",),
-                     projections=("data-free",), holdout=32, calibrate=32, grid=(0.25, 0.5),
-                     n_train=200, n_test=64)
+    setup = _tiny_baseline(tmp_path)
     out = tmp_path / "out"
     records = ba.run({"digits": setup}, out, stage="digits", limit=1)
     (base,) = [r for r in records if r["kind"] == "baseline"]
@@ -144,7 +135,7 @@ def test_rows_on_another_network_than_the_recorded_baseline_are_refused(tmp_path
     assert row["model"] == base["model"]
     before = (out / "results.jsonl").read_text()
     shutil.rmtree(tmp_path / "base")
-    save(1)  # the same path, another network
+    _tiny_baseline(tmp_path, seed=1)  # the same path, another network
     with pytest.raises(ValueError, match="measured on " + base["model"]):
         ba.run({"digits": setup}, out, stage="digits")
     assert (out / "results.jsonl").read_text() == before
