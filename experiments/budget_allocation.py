@@ -7,8 +7,9 @@ per layer), projection (``data-free``; ``symmetric`` / ``asymmetric``: data-awar
 images of the training split) and allocation (``uniform``: every layer within the fraction, the
 ``--macs`` rule; ``knapsack``: exact DP over per-layer loss-vs-MACs curves; ``greedy``: AIMET's
 threshold search, at 1/4; ``knapsack-r2``: the knapsack with ``rounds=2``, its curves scored again
-with the other layers converted as the first knapsack chose), the converted network's test
-accuracy. Allocation curves come from
+with the other layers converted as the first knapsack chose; ``knapsack-r2-asym``: the same with
+the round-two candidates and context fitted asymmetrically, as the conversion fits them), the
+converted network's test accuracy. Allocation curves come from
 the loss on held-out training images (the last ``holdout`` of the split) with one layer
 converted at a time, cached in ``sensitivity.json``. Every row asserts the budget on the built
 model with ``count_macs``. Rows are append-only JSON lines; a rerun skips finished rows; CSV,
@@ -23,6 +24,7 @@ Commands and expected runtimes (2 shared CPU cores):
     python experiments/budget_allocation.py --stage digits-heldout  # unseen curve images: ≈ 25 min
     python experiments/budget_allocation.py --stage fm-finetune-rest  # FM 1/2, 1/8 tuned: ≈ 5 h
     python experiments/budget_allocation.py --stage rounds2        # FM knapsack-r2 rows: ≈ 1.5 h
+    python experiments/budget_allocation.py --stage rounds2-asym   # knapsack-r2-asym: ≈ 45 min
     python experiments/budget_allocation.py --rebuild              # tables and plot only
     python experiments/budget_allocation.py --quick --out /tmp/q   # tests: < 1 min
 
@@ -48,8 +50,12 @@ ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("dsc", "bsconv", "spatial", "lowrank_in", "lowrank_out", "tucker2", "cp3", "cp4")
 PROJECTIONS = ("data-free", "symmetric", "asymmetric")
 MIXED = "mixed"
-ALLOCATIONS = ("uniform", "greedy", "knapsack", "knapsack-r2")
-ROUNDS = {"knapsack-r2": ("knapsack", 2)}  # row label -> (allocation, rounds)
+ALLOCATIONS = ("uniform", "greedy", "knapsack", "knapsack-r2", "knapsack-r2-asym")
+# row label -> (allocation, rounds, how round two fits the candidates): "symmetric" on the
+# original network's statistics; "asymmetric" on the network round one chose, as the
+# asymmetric conversion will (asymmetric rows only)
+ROUNDS = {"knapsack-r2": ("knapsack", 2, "symmetric"),
+          "knapsack-r2-asym": ("knapsack", 2, "asymmetric")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +140,7 @@ def _rows(s: Setup, seeds, fractions, finetune: int = 0) -> list[Row]:
 
 
 STAGES = ("fm-quarter", "digits", "fm-rest", "fm-finetune", "digits-finetune", "digits-heldout",
-          "fm-finetune-rest", "rounds2")
+          "fm-finetune-rest", "rounds2", "rounds2-asym")
 
 
 def plan(setups: dict[str, Setup], stage: str = "all") -> list[Row]:
@@ -180,6 +186,14 @@ def plan(setups: dict[str, Setup], stage: str = "all") -> list[Row]:
     if fm:  # 1/8 first: where the one-round knapsack lost most
         stages["rounds2"] = sorted(rescored(_rows(fm, [min(fm.checkpoints)], [0.125, 0.25])),
                                    key=lambda r: (r.fraction, r.projection != "asymmetric"))
+        # the asymmetric rows again, round two fitted as the conversion fits (seed 0 at 1/8
+        # and 1/4, then the other seeds at 1/8)
+        stages["rounds2-asym"] = [
+            dataclasses.replace(r, allocation="knapsack-r2-asym")
+            for r in sorted(rescored(_rows(fm, sorted(fm.checkpoints), [0.125, 0.25])),
+                            key=lambda r: (r.seed != min(fm.checkpoints), r.fraction))
+            if r.projection == "asymmetric" and (r.seed == min(fm.checkpoints)
+                                                 or r.fraction == 0.125)]
     order = STAGES
     if stage != "all":
         if stage not in order:
@@ -259,7 +273,8 @@ class Context:
         return self.memo(("scorer", dataset, seed), lambda: eval_scorer(
             self.model(dataset, seed), ds.x_train[-s.holdout:], ds.y_train[-s.holdout:]))
 
-    def projection(self, dataset: str, seed: int, projection: str):
+    def projection(self, dataset: str, seed: int, projection: str,
+                   rescore: str = "symmetric"):
         from factorize.conversion.allocation import (
             convertible_layers,
             data_aware_projection,
@@ -273,9 +288,12 @@ class Context:
         def make():
             x = self.data(dataset).x_test[:1]
             paths = [sl.path for sl in convertible_layers(model, x, skip=s.skip)]
-            return data_aware_projection(model, self.calibration(dataset), paths, OPTIONS)
+            return data_aware_projection(model, self.calibration(dataset), paths, OPTIONS,
+                                         reconstruction=rescore)
 
-        return self.memo(("proj", dataset, seed), make)  # symmetric and asymmetric share it
+        # symmetric and asymmetric rows share the one-layer fits; ``rescore`` says how
+        # re-scoring rounds fit (see ROUNDS)
+        return self.memo(("proj", dataset, seed, rescore), make)
 
 
 OPTIONS = {"cp3": {"n_iter": 50}, "cp4": {"n_iter": 50}}
@@ -293,11 +311,11 @@ def run_row(row: Row, ctx: Context) -> dict[str, Any]:
     model = ctx.model(row.dataset, row.seed)
     x = ds.x_test[:8]
     families = list(s.mixed) if row.family == MIXED else [row.family]
-    allocation, rounds = ROUNDS.get(row.allocation, (row.allocation, 1))
+    allocation, rounds, rescore = ROUNDS.get(row.allocation, (row.allocation, 1, "symmetric"))
     try:
         a = allocate(model, x, families, row.fraction, allocation, rounds=rounds,
                      scorer=ctx.scorer(row.dataset, row.seed),
-                     projection=ctx.projection(row.dataset, row.seed, row.projection),
+                     projection=ctx.projection(row.dataset, row.seed, row.projection, rescore),
                      skip=s.skip, options=OPTIONS, cache=ctx.cache, grid=s.grid)
     except ValueError as e:
         if not str(e).startswith("macs:"):

@@ -13,12 +13,14 @@ import pytest
 from flax import nnx
 
 import factorize as fz
-from factorize.conversion import Policy, convert
+from factorize.conversion import Policy, Rule, convert
 from factorize.conversion.allocation import (
     CurveCache,
     Point,
+    _fit_context,
     allocate,
     convertible_layers,
+    data_aware_projection,
     eval_scorer,
     greedy,
     kernel_error_scorer,
@@ -234,6 +236,44 @@ def test_rounds_rescore_with_the_other_layers_converted(tiny):
     c2 = a1.curves["conv2"][a1.choice["conv2"]]
     if c2.family is not None:
         assert a2.curves["conv3"] != a1.curves["conv3"]
+
+
+def test_asymmetric_projection_fits_the_context_as_convert_does(tiny):
+    # the reference: convert(reconstruction="asymmetric") collects its statistics layer by
+    # layer on the model it is building; the projection swaps composed kernels into a copy
+    model, _, y = tiny
+    x = jax.random.normal(jax.random.key(1), (64, 8, 8, 1))  # no dead channel: S is full rank
+    batches = [x[:32], x[32:]]
+    slots = convertible_layers(model, x[:1], skip="^conv1$")
+    paths = [s.path for s in slots]
+    chosen = {"conv2": Point("lowrank_out", 3, 0), "conv3": Point("lowrank_out", 4, 0)}
+    policy = Policy(tuple(Rule(c.family, c.rank, path=f"^{p}$") for p, c in chosen.items()))
+    built, _ = convert(model, policy, x[:1], calibration=batches, reconstruction="asymmetric")
+    asym = data_aware_projection(model, batches, paths, reconstruction="asymmetric")
+    context = _fit_context(slots, chosen, asym)
+    for p in chosen:
+        np.testing.assert_allclose(context[p], getattr(built, p).to_factorized().to_kernel(),
+                                   rtol=1e-4, atol=1e-4)
+    sym = data_aware_projection(model, batches, paths)
+    assert sym.with_context(context) is sym
+    assert sym.name == asym.name  # one-layer fits agree, so round one shares its cache
+    w3 = slots[1].kernel
+    assert not np.allclose(sym("conv3", w3, "lowrank_out", 4), context["conv3"], atol=1e-4)
+    assert ":asymmetric:" in asym.with_context(context).name
+    with pytest.raises(ValueError, match="reconstruction must be 'symmetric' or 'asymmetric', "
+                                         "got 'both'"):
+        data_aware_projection(model, batches, paths, reconstruction="both")
+    # rounds=2 scores conv3's round-two points fitted on the network round one chose
+    score = eval_scorer(model, x, y)
+    kw = dict(scorer=score, projection=asym, skip="^conv1$", grid=GRID)
+    a1 = allocate(model, x[:1], ["lowrank_out"], 0.3, "knapsack", **kw)
+    a2 = allocate(model, x[:1], ["lowrank_out"], 0.3, "knapsack", rounds=2, **kw)
+    assert a2.rounds == 2 and a2.macs <= a2.target
+    first = _fit_context(slots, {p: a1.curves[p][a1.choice[p]] for p in paths}, asym)
+    fitted, others = asym.with_context(first), score.with_context({"conv2": first["conv2"]})
+    for p in a2.curves["conv3"][1:]:
+        expected = others("conv3", fitted("conv3", w3, p.family, p.rank)) - others("conv3", w3)
+        assert p.loss == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.fixture(scope="module")

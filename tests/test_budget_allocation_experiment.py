@@ -88,6 +88,11 @@ def test_plan_puts_the_cheapest_most_important_rows_first():
     knap = {dataclasses.replace(r, allocation="knapsack-r2") for r in rows
             if r.allocation == "knapsack" and r.finetune_epochs == 0}
     assert set(rescored) <= knap and len(set(rescored)) == len(rescored)
+    seq = ba.plan(ba.SETUPS, "rounds2-asym")
+    assert {(r.allocation, r.projection) for r in seq} == {("knapsack-r2-asym", "asymmetric")}
+    assert {dataclasses.replace(r, allocation="knapsack") for r in seq} <= {
+        r for r in rows if r.allocation == "knapsack"} and len(set(seq)) == len(seq)
+    assert seq[0].seed == 0 and seq[0].fraction == 0.125
     tuned = ba.plan(ba.SETUPS, "fm-finetune")
     symmetric = [r.projection == "symmetric" for r in tuned]
     assert symmetric == sorted(symmetric) and {r.seed for r in tuned[:symmetric.index(True)]} \

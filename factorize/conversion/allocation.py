@@ -153,34 +153,93 @@ def data_aware_projection(
     calibration: Any,
     paths: Sequence[str],
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    reconstruction: str = "symmetric",
     **fit: Any,
 ) -> Projection:
     """``decompose(kernel, family, rank, inputs=stats[path])``: each candidate fitted to the
-    layer's output error on ``calibration`` (symmetric statistics of the original network).
+    layer's output error on ``calibration`` (statistics of the original network).
 
     With one layer converted at a time its inputs are the original network's, so the
-    asymmetric fit of that layer is this symmetric one: the curves serve both modes. ``fit``
-    goes to ``decompose`` (``damp``, ``refine``).
+    asymmetric fit of that layer is this symmetric one: one-round curves serve both modes.
+    Re-scoring rounds see the other layers converted (``projection.with_context(kernels)``):
+    with ``reconstruction="asymmetric"`` each candidate is then fitted, as
+    ``convert(..., reconstruction="asymmetric")`` will fit it, to the original layer's outputs
+    given the inputs of the network with ``kernels`` swapped in (Zhang et al., TPAMI 2016,
+    Sec. 3.3); with ``"symmetric"`` the context changes nothing. ``fit`` goes to ``decompose``
+    (``damp``, ``refine``).
     """
     from factorize.conversion.calibration import collect_input_stats
-    from factorize.factorized import decompose
 
+    if reconstruction not in ("symmetric", "asymmetric"):
+        raise ValueError(f"reconstruction must be 'symmetric' or 'asymmetric', got "
+                         f"{reconstruction!r}")
     batches = [calibration] if not isinstance(calibration, (list, tuple)) else calibration
-    stats = collect_input_stats(model, batches, list(paths))
-    convs = _convs(model)
+    paths = list(paths)
     opts = {k: dict(v) for k, v in (options or {}).items()}
     n = sum(len(b) for b in batches)
     digest = hashlib.sha256(b"".join(np.asarray(b).tobytes() for b in batches)).hexdigest()
+    name = (f"data-aware:{n}:{digest[:12]}" + (f":{json.dumps(fit, sort_keys=True)}"
+            if fit else "") + (f":{json.dumps(opts, sort_keys=True)}" if opts else ""))
+    centered = {p: m.bias is not None for p, m in _convs(model).items()}
+    base = _DataAwareProjection(name, collect_input_stats(model, batches, paths), centered,
+                                opts, fit)
+    if reconstruction == "asymmetric":
+        base.contextual = (model, batches, paths)
+    return base
 
-    def project(path: str, kernel: jax.Array, family: str, rank: Rank) -> jax.Array:
-        centered = convs[path].bias is not None
-        return decompose(kernel, family, rank, inputs=stats[path], centered=centered,
-                         **opts.get(family, {}), **fit).to_kernel()
 
-    project.name = (f"data-aware:{n}:{digest[:12]}" + (f":{json.dumps(fit, sort_keys=True)}"
-                    if fit else "") + (f":{json.dumps(opts, sort_keys=True)}" if opts else ""))
-    project.stats = stats
-    return project
+class _DataAwareProjection:
+    """A :data:`Projection` on fixed per-layer input statistics (see
+    :func:`data_aware_projection`)."""
+
+    KEEP = 4  # contexts whose statistics are kept (each is one set of per-layer covariances)
+
+    def __init__(self, name, stats, centered, options, fit):
+        self.name, self.stats, self.centered = name, stats, centered
+        self.options, self.fit = options, fit
+        self.contextual: tuple | None = None  # (model, batches, paths) when asymmetric
+        self._contexts: dict[str, _DataAwareProjection] = {}
+
+    def __call__(self, path: str, kernel: jax.Array, family: str, rank: Rank) -> jax.Array:
+        from factorize.factorized import decompose
+
+        return decompose(kernel, family, rank, inputs=self.stats[path],
+                         centered=self.centered[path], **self.options.get(family, {}),
+                         **self.fit).to_kernel()
+
+    def with_context(self, kernels: Mapping[str, jax.Array]) -> _DataAwareProjection:
+        """The projection with the layers in ``kernels`` replaced by those kernels: itself if
+        symmetric, else one on the asymmetric statistics of that network against the original
+        (each layer's inputs depend only on the layers before it, so one pass serves all)."""
+        if self.contextual is None:
+            return self
+        key = _kernels_id(kernels)
+        if key not in self._contexts:
+            from factorize.conversion.calibration import collect_input_stats
+
+            model, batches, paths = self.contextual
+            swapped = nnx.clone(model)
+            layers = _convs(swapped)
+            for p, k in kernels.items():
+                layers[p].kernel[...] = k
+            stats = collect_input_stats(swapped, batches, paths, reference=model)
+            if len(self._contexts) >= self.KEEP:
+                self._contexts.pop(next(iter(self._contexts)))
+            self._contexts[key] = _DataAwareProjection(
+                f"{self.name}:asymmetric:{key}", stats, self.centered, self.options, self.fit)
+        return self._contexts[key]
+
+
+def _kernels_id(kernels: Mapping[str, jax.Array]) -> str:
+    return hashlib.sha256(b"".join(p.encode() + np.asarray(k).tobytes()
+                                   for p, k in sorted(kernels.items()))).hexdigest()[:12]
+
+
+def _in_context(projection: Projection, kernels: Mapping[str, jax.Array]) -> Projection:
+    """``projection`` with other layers replaced by ``kernels`` (unchanged if it ignores them)."""
+    with_context = getattr(projection, "with_context", None)
+    return with_context(kernels) if with_context is not None else projection
 
 
 class Scorer:
@@ -359,8 +418,7 @@ def sensitivity_curves(
     ``context``, default unconverted) minus the score with it kept: the loss *increase*."""
     cache = cache if cache is not None else CurveCache()
     ctx = dict(context or {})
-    ctx_id = hashlib.sha256(b"".join(
-        p.encode() + np.asarray(k).tobytes() for p, k in sorted(ctx.items()))).hexdigest()[:12]
+    ctx_id = _kernels_id(ctx)
     curves = {}
     for slot in slots:
         others = {p: k for p, k in ctx.items() if p != slot.path}
@@ -383,6 +441,18 @@ def sensitivity_curves(
         if len(cache.entries) > before:  # a run that only reads leaves the file alone
             cache.save()
     return curves
+
+
+def _fit_context(slots: Sequence[Slot], chosen: Mapping[str, Point], projection: Projection
+                 ) -> dict[str, jax.Array]:
+    """Every layer's kernel at its chosen point, fitted in forward order given the layers before
+    it as fitted (what ``convert`` builds; for a projection that ignores context, each alone)."""
+    context: dict[str, jax.Array] = {}
+    for s in slots:
+        c = chosen[s.path]
+        context[s.path] = s.kernel if c.family is None else _in_context(projection, context)(
+            s.path, s.kernel, c.family, c.rank)
+    return context
 
 
 def _rank_json(rank: Rank) -> Any:
@@ -676,7 +746,10 @@ def allocate(
         if allocation == "uniform" and len(families) == 1:
             curves = {p: list(pts) for p, pts in points.items()}  # one family: nothing to score
         else:
-            curves = sensitivity_curves(slots, points, scorer, projection, cache=cache,
+            # round one: one layer at a time on the original inputs, where the asymmetric fit
+            # is the symmetric one (up to the ridge), so both modes share its curves
+            fitted = _in_context(projection, context) if context else projection
+            curves = sensitivity_curves(slots, points, scorer, fitted, cache=cache,
                                         model_id=mid, context=context)
         if allocation == "greedy":
             choice, threshold = greedy(curves, target)
@@ -686,9 +759,8 @@ def allocate(
             choice = uniform(curves, target)
         if r + 1 == rounds:
             break
-        chosen = {s.path: curves[s.path][choice[s.path]] for s in slots}
-        context = {s.path: s.kernel if chosen[s.path].family is None else projection(
-            s.path, s.kernel, chosen[s.path].family, chosen[s.path].rank) for s in slots}
+        context = _fit_context(slots, {s.path: curves[s.path][choice[s.path]] for s in slots},
+                               projection)
     cost = _cost(curves, choice)
     assert cost <= target, (cost, target)  # every allocator meets the budget by construction
     rules = []
