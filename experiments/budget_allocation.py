@@ -8,12 +8,13 @@ images of the training split) and allocation (``uniform``: every layer within th
 ``--macs`` rule; ``knapsack``: exact DP over per-layer loss-vs-MACs curves; ``greedy``: AIMET's
 threshold search, at 1/4; ``knapsack-r2``: the knapsack with ``rounds=2``, its curves scored again
 with the other layers converted as the first knapsack chose; ``knapsack-r2-asym``: the same with
-the round-two candidates and context fitted asymmetrically, as the conversion fits them), the
-converted network's test accuracy. Allocation curves come from
-the loss on held-out training images (the last ``holdout`` of the split) with one layer
-converted at a time, cached in ``sensitivity.json``. Every row asserts the budget on the built
-model with ``count_macs``. Rows are append-only JSON lines; a rerun skips finished rows; CSV,
-Markdown table and plot are rebuilt from them.
+the round-two candidates and context fitted asymmetrically, as the conversion fits them;
+``knapsack-best``: of both rounds' knapsacks and uniform, the network with the lowest held-out
+loss, every layer fitted as the conversion fits it), the converted network's test accuracy.
+Allocation curves come from the loss on held-out training images (the last ``holdout`` of the
+split) with one layer converted at a time, cached in ``sensitivity.json``. Every row asserts the
+budget on the built model with ``count_macs``. Rows are append-only JSON lines; a rerun skips
+finished rows; CSV, Markdown table and plot are rebuilt from them.
 
 Commands and expected runtimes (2 shared CPU cores):
 
@@ -25,6 +26,7 @@ Commands and expected runtimes (2 shared CPU cores):
     python experiments/budget_allocation.py --stage fm-finetune-rest  # FM 1/2, 1/8 tuned: ≈ 5 h
     python experiments/budget_allocation.py --stage rounds2        # FM knapsack-r2 rows: ≈ 1.5 h
     python experiments/budget_allocation.py --stage rounds2-asym   # knapsack-r2-asym: ≈ 45 min
+    python experiments/budget_allocation.py --stage best           # knapsack-best: ≈ 1.5 h
     python experiments/budget_allocation.py --rebuild              # tables and plot only
     python experiments/budget_allocation.py --quick --out /tmp/q   # tests: < 1 min
 
@@ -50,12 +52,26 @@ ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("dsc", "bsconv", "spatial", "lowrank_in", "lowrank_out", "tucker2", "cp3", "cp4")
 PROJECTIONS = ("data-free", "symmetric", "asymmetric")
 MIXED = "mixed"
-ALLOCATIONS = ("uniform", "greedy", "knapsack", "knapsack-r2", "knapsack-r2-asym")
-# row label -> (allocation, rounds, how round two fits the candidates): "symmetric" on the
-# original network's statistics; "asymmetric" on the network round one chose, as the
-# asymmetric conversion will (asymmetric rows only)
-ROUNDS = {"knapsack-r2": ("knapsack", 2, "symmetric"),
-          "knapsack-r2-asym": ("knapsack", 2, "asymmetric")}
+ALLOCATIONS = ("uniform", "greedy", "knapsack", "knapsack-r2", "knapsack-r2-asym",
+               "knapsack-best")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rescored:
+    """A re-scored allocation row label: ``allocate(allocation, rounds=, keep_best=)``, round
+    two's candidates fitted on the original network's statistics (``as_converted=False``) or,
+    in asymmetric rows, on the network round one chose, as the asymmetric conversion fits."""
+
+    allocation: str
+    rounds: int
+    as_converted: bool
+    keep_best: bool = False
+
+
+ROUNDS = {"knapsack-r2": Rescored("knapsack", 2, as_converted=False),
+          "knapsack-r2-asym": Rescored("knapsack", 2, as_converted=True),
+          # rounds one and two and uniform, the best on the held-out images kept
+          "knapsack-best": Rescored("knapsack", 2, as_converted=True, keep_best=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +156,7 @@ def _rows(s: Setup, seeds, fractions, finetune: int = 0) -> list[Row]:
 
 
 STAGES = ("fm-quarter", "digits", "fm-rest", "fm-finetune", "digits-finetune", "digits-heldout",
-          "fm-finetune-rest", "rounds2", "rounds2-asym")
+          "fm-finetune-rest", "rounds2", "rounds2-asym", "best")
 
 
 def plan(setups: dict[str, Setup], stage: str = "all") -> list[Row]:
@@ -194,6 +210,11 @@ def plan(setups: dict[str, Setup], stage: str = "all") -> list[Row]:
                             key=lambda r: (r.seed != min(fm.checkpoints), r.fraction))
             if r.projection == "asymmetric" and (r.seed == min(fm.checkpoints)
                                                  or r.fraction == 0.125)]
+        # every projection, seed 0 at 1/8 and 1/4 first (its round two is cached), then seed 1
+        stages["best"] = [
+            dataclasses.replace(r, allocation="knapsack-best")
+            for r in sorted(rescored(_rows(fm, sorted(fm.checkpoints), [0.125, 0.25])),
+                            key=lambda r: (r.seed, r.fraction))]
     order = STAGES
     if stage != "all":
         if stage not in order:
@@ -311,9 +332,12 @@ def run_row(row: Row, ctx: Context) -> dict[str, Any]:
     model = ctx.model(row.dataset, row.seed)
     x = ds.x_test[:8]
     families = list(s.mixed) if row.family == MIXED else [row.family]
-    allocation, rounds, rescore = ROUNDS.get(row.allocation, (row.allocation, 1, "symmetric"))
+    spec = ROUNDS.get(row.allocation, Rescored(row.allocation, 1, as_converted=False))
+    rescore = row.projection if spec.as_converted and row.projection != "data-free" \
+        else "symmetric"
     try:
-        a = allocate(model, x, families, row.fraction, allocation, rounds=rounds,
+        a = allocate(model, x, families, row.fraction, spec.allocation, rounds=spec.rounds,
+                     keep_best=spec.keep_best,
                      scorer=ctx.scorer(row.dataset, row.seed),
                      projection=ctx.projection(row.dataset, row.seed, row.projection, rescore),
                      skip=s.skip, options=OPTIONS, cache=ctx.cache, grid=s.grid)
@@ -334,6 +358,7 @@ def run_row(row: Row, ctx: Context) -> dict[str, Any]:
                budget_met=macs <= report.model_macs_before - a.policy.convertible_macs
                + a.target,
                threshold=a.threshold, scorer=a.scorer,
+               **({"whole_loss": a.whole, "selected": a.selected} if a.selected else {}),
                layers={p: {k: v for k, v in d.items() if k != "curve"}
                        for p, d in a.to_dict()["layers"].items()})
     if row.finetune_epochs:

@@ -93,6 +93,10 @@ def test_plan_puts_the_cheapest_most_important_rows_first():
     assert {dataclasses.replace(r, allocation="knapsack") for r in seq} <= {
         r for r in rows if r.allocation == "knapsack"} and len(set(seq)) == len(seq)
     assert seq[0].seed == 0 and seq[0].fraction == 0.125
+    best = ba.plan(ba.SETUPS, "best")
+    assert {r.allocation for r in best} == {"knapsack-best"} and len(set(best)) == len(best)
+    assert {r.projection for r in best} == set(ba.PROJECTIONS)
+    assert [(r.seed, r.fraction) for r in best] == sorted((r.seed, r.fraction) for r in best)
     tuned = ba.plan(ba.SETUPS, "fm-finetune")
     symmetric = [r.projection == "symmetric" for r in tuned]
     assert symmetric == sorted(symmetric) and {r.seed for r in tuned[:symmetric.index(True)]} \

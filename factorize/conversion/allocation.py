@@ -381,18 +381,20 @@ class CurveCache:
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = None if path is None else Path(path)
-        self.entries: dict[str, float] = {}
-        if self.path is not None and self.path.exists():
-            try:
-                data = json.loads(self.path.read_text())
-                if data.get("version") != self.VERSION or not isinstance(data.get("entries"),
-                                                                         dict):
-                    raise ValueError(f"expected version {self.VERSION} with an 'entries' object")
-                self.entries = {str(k): float(v) for k, v in data["entries"].items()}
-            except (ValueError, AttributeError, TypeError) as e:
-                raise ValueError(
-                    f"sensitivity cache {os.fspath(self.path)!r} is not a valid cache file "
-                    f"({e}); remove it or pass another path") from None
+        self.entries: dict[str, float] = self._read()
+
+    def _read(self) -> dict[str, float]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("version") != self.VERSION or not isinstance(data.get("entries"), dict):
+                raise ValueError(f"expected version {self.VERSION} with an 'entries' object")
+            return {str(k): float(v) for k, v in data["entries"].items()}
+        except (ValueError, AttributeError, TypeError) as e:
+            raise ValueError(
+                f"sensitivity cache {os.fspath(self.path)!r} is not a valid cache file "
+                f"({e}); remove it or pass another path") from None
 
     @staticmethod
     def key(*parts: Any) -> str:
@@ -400,7 +402,10 @@ class CurveCache:
                         for p in parts)
 
     def save(self) -> None:
+        """Writes the entries merged with what the file holds now, so two runs sharing one
+        cache keep each other's scores (a score is a function of its key)."""
         if self.path is not None:
+            self.entries = {**self._read(), **self.entries}
             atomic_write_json(self.path, {"version": self.VERSION, "entries": self.entries})
 
 
@@ -603,6 +608,9 @@ class Allocation:
       projection: the projection's name.
       threshold: greedy's loss threshold (else ``None``).
       rounds: how many times the curves were scored.
+      whole: with ``keep_best``: each candidate allocation's score on the whole network
+        (``"round 1"``, ``"round 2"``, ..., ``"uniform"``), every layer at its point.
+      selected: which of ``whole`` the policy is (``None`` without ``keep_best``).
     """
 
     policy: Any
@@ -615,6 +623,8 @@ class Allocation:
     projection: str
     threshold: float | None = None
     rounds: int = 1
+    whole: dict[str, float] = dataclasses.field(default_factory=dict)
+    selected: str | None = None
 
     @property
     def macs(self) -> int:
@@ -632,7 +642,8 @@ class Allocation:
             }
         return {"method": self.method, "fraction": self.fraction, "target_macs": self.target,
                 "macs": self.macs, "scorer": self.scorer, "projection": self.projection,
-                "threshold": self.threshold, "rounds": self.rounds, "layers": layers}
+                "threshold": self.threshold, "rounds": self.rounds, "whole": self.whole,
+                "selected": self.selected, "layers": layers}
 
     def to_markdown(self) -> str:
         why = {"uniform": "every layer within the same fraction of its MACs",
@@ -642,7 +653,10 @@ class Allocation:
         lines = [f"Allocation `{self.method}` ({why}); scorer `{self.scorer}`, projection "
                  f"`{self.projection}`; {self.macs:,} of {self.target:,} target MACs "
                  f"({self.macs / sum(p[0].macs for p in self.curves.values()):.4f} of the "
-                 f"convertible layers).", "",
+                 f"convertible layers)." + (
+                     f" Kept the best on the whole network: {self.selected} ("
+                     + ", ".join(f"{k} {v:.4g}" for k, v in self.whole.items()) + ")."
+                     if self.selected else ""), "",
                  "| layer | family | rank | MACs | fraction | loss increase | next dearer point |",
                  "|---|---|---|---:|---:|---:|---|"]
         for path, pts in self.curves.items():
@@ -676,6 +690,7 @@ def allocate(
     cache: CurveCache | str | os.PathLike | None = None,
     grid: Sequence[float] = GRID,
     rounds: int = 1,
+    keep_best: bool = False,
 ) -> Allocation:
     """Chooses each convertible layer's family and rank so that their MACs total at most
     ``macs`` × their original MACs; see the module docstring.
@@ -695,6 +710,13 @@ def allocate(
       grid: the MAC fractions at which candidates are sampled.
       rounds: with ``rounds=2`` the curves are scored again with the other layers converted
         as the first allocation chose (layers interact), then allocated again.
+      keep_best: score every round's allocation and the uniform one (where every layer has a
+        point within the fraction) on the whole network, every layer at its point as the
+        projection fits it (in forward order, given the layers before it: what ``convert``
+        builds), and keep the lowest. The curves add one layer's loss increase at a time; this
+        checks their sum against the network itself, so the result is never worse than
+        uniform on the scorer's data. Needs a scorer that sees the other layers
+        (:class:`eval_scorer`).
 
     Raises:
       ValueError: an unknown family or allocation, ``macs`` out of (0, 1], or a target below
@@ -726,6 +748,9 @@ def allocate(
         raise ValueError(f"macs must be a fraction in (0, 1], got {macs!r}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if keep_best and (scorer is None or type(scorer).with_context is Scorer.with_context):
+        raise ValueError(f"keep_best needs a scorer that sees the other layers (eval_scorer), "
+                         f"got {type(scorer).__name__ if scorer else 'the default kernel_error'}")
     slots = convertible_layers(model, sample_input, skip=skip, kernel_size=kernel_size)
     if not slots:
         raise ValueError("no convertible conv layer (check skip and kernel_size)")
@@ -742,6 +767,7 @@ def allocate(
     threshold = None
     context: dict[str, jax.Array] = {}
     rounds = 1 if allocation == "uniform" else rounds
+    chosen_by: dict[str, dict[str, int]] = {}
     for r in range(rounds):
         if allocation == "uniform" and len(families) == 1:
             curves = {p: list(pts) for p, pts in points.items()}  # one family: nothing to score
@@ -757,10 +783,22 @@ def allocate(
             choice = knapsack(curves, target)
         else:
             choice = uniform(curves, target)
+        chosen_by[f"round {r + 1}"] = choice
         if r + 1 == rounds:
             break
         context = _fit_context(slots, {s.path: curves[s.path][choice[s.path]] for s in slots},
                                projection)
+    whole, selected = {}, None
+    if keep_best:
+        if allocation != "uniform":
+            try:
+                chosen_by["uniform"] = uniform(curves, target)
+            except ValueError:
+                pass  # some layer has no point within the fraction: no uniform candidate
+        whole = {name: _whole_score(slots, curves, c, scorer, projection, cache, mid)
+                 for name, c in chosen_by.items()}
+        selected = min(whole, key=lambda k: (whole[k], k != f"round {rounds}"))
+        choice = chosen_by[selected]
     cost = _cost(curves, choice)
     assert cost <= target, (cost, target)  # every allocator meets the budget by construction
     rules = []
@@ -772,4 +810,20 @@ def allocate(
     policy = Policy(tuple(rules), target_macs=target, convertible_macs=full)
     scored = not (allocation == "uniform" and len(families) == 1)
     return Allocation(policy, curves, choice, allocation, float(macs), target,
-                      scorer.name if scored else "none", projection.name, threshold, rounds)
+                      scorer.name if scored or keep_best else "none", projection.name,
+                      threshold, rounds, whole, selected)
+
+
+def _whole_score(slots, curves, choice, scorer, projection, cache, model_id) -> float:
+    """The scorer on the network with every layer at its chosen point (cached)."""
+    chosen = {s.path: curves[s.path][choice[s.path]] for s in slots}
+    key = CurveCache.key(model_id, "whole", [[p, c.family or "keep", _rank_json(c.rank)]
+                                              for p, c in chosen.items()],
+                         scorer.name, projection.name)
+    if key not in cache.entries:
+        kernels = _fit_context(slots, chosen, projection)
+        first = slots[0].path
+        cache.entries[key] = float(scorer.with_context(
+            {p: k for p, k in kernels.items() if p != first})(first, kernels[first]))
+        cache.save()
+    return cache.entries[key]
