@@ -286,27 +286,32 @@ def test_asymmetric_projection_fits_the_context_as_convert_does(tiny):
         assert p.loss == pytest.approx(expected, abs=1e-6)
 
 
-@pytest.mark.parametrize("reconstruction", [None, "asymmetric"])
-def test_keep_best_scores_whole_networks_as_convert_builds_them(tiny, reconstruction):
-    # the reference: convert() the kept and the uniform policy, evaluate on the scorer's data
+def test_keep_best_scores_whole_networks_as_convert_builds_them(tiny):
+    # the reference: convert() the kept and the uniform policy, evaluate on the scorer's data;
+    # the three projections share one cache (their one-layer fits share names)
     from factorize.training import evaluate
 
     model, _, y = tiny
     x = jax.random.normal(jax.random.key(1), (64, 8, 8, 1))
     batches = [x[:32], x[32:]]
     paths = [s.path for s in convertible_layers(model, x[:1], skip="^conv1$")]
-    proj = None if reconstruction is None else data_aware_projection(
-        model, batches, paths, reconstruction=reconstruction)
-    kw = dict(scorer=eval_scorer(model, x, y), projection=proj, skip="^conv1$", grid=GRID)
-    a = allocate(model, x[:1], ["lowrank_out"], 0.3, "knapsack", rounds=2, keep_best=True, **kw)
-    assert set(a.whole) == {"round 1", "round 2", "uniform"} and a.macs <= a.target
-    assert a.whole[a.selected] == min(a.whole.values())
-    assert f"Kept the best on the whole network: {a.selected}" in a.to_markdown()
-    u = allocate(model, x[:1], ["lowrank_out"], 0.3, "uniform", **kw)
-    for name, policy in ((a.selected, a.policy), ("uniform", u.policy)):
-        built, _ = convert(model, policy, x[:1], calibration=None if proj is None else batches,
-                           reconstruction=reconstruction or "asymmetric")
-        assert a.whole[name] == pytest.approx(evaluate(built, x, y)["loss"], abs=1e-4)
+    cache = CurveCache()
+    for reconstruction in (None, "symmetric", "asymmetric"):
+        proj = None if reconstruction is None else data_aware_projection(
+            model, batches, paths, reconstruction=reconstruction)
+        kw = dict(scorer=eval_scorer(model, x, y), projection=proj, skip="^conv1$", grid=GRID,
+                  cache=cache)
+        a = allocate(model, x[:1], ["lowrank_out"], 0.3, "knapsack", rounds=2, keep_best=True,
+                     **kw)
+        assert set(a.whole) == {"round 1", "round 2", "uniform"} and a.macs <= a.target
+        assert a.whole[a.selected] == min(a.whole.values())
+        assert f"Kept the best on the whole network: {a.selected}" in a.to_markdown()
+        u = allocate(model, x[:1], ["lowrank_out"], 0.3, "uniform", **kw)
+        for name, policy in ((a.selected, a.policy), ("uniform", u.policy)):
+            built, _ = convert(model, policy, x[:1],
+                               calibration=None if proj is None else batches,
+                               reconstruction=reconstruction or "asymmetric")
+            assert a.whole[name] == pytest.approx(evaluate(built, x, y)["loss"], abs=1e-4)
     with pytest.raises(ValueError, match="keep_best needs a scorer that sees the other layers"):
         allocate(model, x[:1], ["lowrank_out"], 0.3, "knapsack", keep_best=True,
                  skip="^conv1$", grid=GRID)

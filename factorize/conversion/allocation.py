@@ -184,6 +184,7 @@ def data_aware_projection(
     centered = {p: m.bias is not None for p, m in _convs(model).items()}
     base = _DataAwareProjection(name, collect_input_stats(model, batches, paths), centered,
                                 opts, fit)
+    base.reconstruction = reconstruction
     if reconstruction == "asymmetric":
         base.contextual = (model, batches, paths)
     return base
@@ -198,6 +199,7 @@ class _DataAwareProjection:
     def __init__(self, name, stats, centered, options, fit):
         self.name, self.stats, self.centered = name, stats, centered
         self.options, self.fit = options, fit
+        self.reconstruction = "symmetric"  # how a whole network of its fits is built
         self.contextual: tuple | None = None  # (model, batches, paths) when asymmetric
         self._contexts: dict[str, _DataAwareProjection] = {}
 
@@ -817,9 +819,11 @@ def allocate(
 def _whole_score(slots, curves, choice, scorer, projection, cache, model_id) -> float:
     """The scorer on the network with every layer at its chosen point (cached)."""
     chosen = {s.path: curves[s.path][choice[s.path]] for s in slots}
+    # one-layer fits are shared by both reconstructions, whole networks are not
     key = CurveCache.key(model_id, "whole", [[p, c.family or "keep", _rank_json(c.rank)]
                                               for p, c in chosen.items()],
-                         scorer.name, projection.name)
+                         scorer.name, projection.name,
+                         getattr(projection, "reconstruction", "symmetric"))
     if key not in cache.entries:
         kernels = _fit_context(slots, chosen, projection)
         first = slots[0].path
