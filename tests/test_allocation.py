@@ -339,6 +339,8 @@ def ckpt(tmp_path_factory):
     (["--allocation", "greedy", "--family", "dsc"], "--allocation needs --budget"),
     (["--budget", "0.3", "--family", "dsc", "--macs", "0.3"], "--budget replaces --macs"),
     (["--budget", "0.3", "--families", "dsc", "--holdout", "-1"], "--holdout must be >= 0"),
+    (["--budget", "0.3", "--families", "dsc", "--keep-best"], "--keep-best needs --holdout N"),
+    (["--keep-best", "--family", "dsc"], "--keep-best needs --budget"),
     (["--budget", "0.3", "--families", "dsc", "--holdout", "100000"],
      "--holdout 100000 exceeds the 1437 training images of digits"),
 ])
@@ -385,3 +387,16 @@ def test_cli_budget_with_calibration_fits_data_aware(ckpt, tmp_path, capsys):
     converted = [r for r in report["layers"] if r["family"] not in (None, "full")]
     assert converted and all(r["output_error"] is not None for r in converted)
     assert res["calibration"]
+
+
+def test_cli_keep_best_records_the_whole_network_scores(ckpt, tmp_path):
+    from factorize.cli import main
+
+    out = tmp_path / "best"
+    assert main(["convert", str(ckpt), "--budget", "0.3", "--families", "lowrank_out",
+                 "--skip", "^conv1$", "--calibrate", "32", "--holdout", "64", "--rounds", "2",
+                 "--keep-best", "--workers", "1", "--out", str(out)]) == 0
+    alloc = json.loads((out / "allocation.json").read_text())
+    assert set(alloc["whole"]) == {"round 1", "round 2", "uniform"}
+    assert alloc["whole"][alloc["selected"]] == min(alloc["whole"].values())
+    assert alloc["macs"] <= alloc["target_macs"]

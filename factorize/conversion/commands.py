@@ -46,6 +46,9 @@ def add_convert(p: argparse.ArgumentParser) -> None:
                         "images (default 0: by the kernel error, no data)")
     p.add_argument("--rounds", type=int, default=1,
                    help="with --budget: score and allocate again with the other layers converted")
+    p.add_argument("--keep-best", action="store_true",
+                   help="with --budget and --holdout: score each round's allocation and the "
+                        "uniform one on the whole converted network, keep the best")
     p.add_argument("--sensitivity-cache", metavar="FILE",
                    help="with --budget: JSON file of per-layer scores, read and extended")
     p.add_argument("--workers", type=int, default=2,
@@ -70,7 +73,7 @@ def add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="new directory for checkpoint/ and report.*")
 
 
-BUDGET_ONLY = ("allocation", "families", "sensitivity_cache")
+BUDGET_ONLY = ("allocation", "families", "sensitivity_cache", "keep_best")
 
 
 def _check_budget_args(args: argparse.Namespace) -> list[str] | None:
@@ -95,6 +98,9 @@ def _check_budget_args(args: argparse.Namespace) -> list[str] | None:
         raise ValueError(f"--holdout must be >= 0, got {args.holdout}")
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.keep_best and not args.holdout:
+        raise ValueError("--keep-best needs --holdout N (whole networks are scored by their "
+                         "loss on held-out training images)")
     if args.families and args.family:
         raise ValueError("give either --families or --family with --budget, not both")
     families = ([f.strip() for f in args.families.split(",") if f.strip()] if args.families
@@ -125,7 +131,9 @@ def _budget_policy(args, families, model, image_shape, dataset, calibration, loa
     if calibration is not None:
         paths = [s.path for s in convertible_layers(model, jnp.zeros((1, *image_shape)),
                                                     skip=args.skip)]
-        projection = data_aware_projection(model, calibration, paths, options)
+        # re-scoring rounds fit the candidates as this conversion will
+        projection = data_aware_projection(model, calibration, paths, options,
+                                           reconstruction=args.reconstruction)
 
     scorer = None
     if args.holdout:
@@ -140,7 +148,7 @@ def _budget_policy(args, families, model, image_shape, dataset, calibration, loa
         a = allocate(model, jnp.zeros((1, *image_shape)), families, args.budget,
                      args.allocation or "knapsack", scorer=scorer, skip=args.skip,
                      options=options, projection=projection, cache=args.sensitivity_cache,
-                     rounds=args.rounds)
+                     rounds=args.rounds, keep_best=args.keep_best)
     except ValueError as e:
         msg = str(e)
         if msg.startswith("macs:"):
