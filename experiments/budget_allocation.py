@@ -210,11 +210,14 @@ def plan(setups: dict[str, Setup], stage: str = "all") -> list[Row]:
                             key=lambda r: (r.seed != min(fm.checkpoints), r.fraction))
             if r.projection == "asymmetric" and (r.seed == min(fm.checkpoints)
                                                  or r.fraction == 0.125)]
-        # every projection, seed 0 at 1/8 and 1/4 first (its round two is cached), then seed 1
+        # every projection: seed 0 at 1/8 and 1/4 (its round two is cached), then the other
+        # seeds at 1/4 (the README's fraction) before 1/8
+        first = min(fm.checkpoints)
         stages["best"] = [
             dataclasses.replace(r, allocation="knapsack-best")
             for r in sorted(rescored(_rows(fm, sorted(fm.checkpoints), [0.125, 0.25])),
-                            key=lambda r: (r.seed, r.fraction))]
+                            key=lambda r: (r.seed, r.fraction if r.seed == first
+                                           else -r.fraction))]
     order = STAGES
     if stage != "all":
         if stage not in order:
