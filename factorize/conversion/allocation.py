@@ -228,8 +228,10 @@ class _DataAwareProjection:
             stats = collect_input_stats(swapped, batches, paths, reference=model)
             if len(self._contexts) >= self.KEEP:
                 self._contexts.pop(next(iter(self._contexts)))
-            self._contexts[key] = _DataAwareProjection(
-                f"{self.name}:asymmetric:{key}", stats, self.centered, self.options, self.fit)
+            fitted = _DataAwareProjection(f"{self.name}:asymmetric:{key}", stats, self.centered,
+                                          self.options, self.fit)
+            fitted.reconstruction, fitted.contextual = self.reconstruction, self.contextual
+            self._contexts[key] = fitted
         return self._contexts[key]
 
 
