@@ -25,8 +25,8 @@ Commands and expected runtimes (2 shared CPU cores):
     python experiments/budget_allocation.py --stage digits-heldout  # unseen curve images: ≈ 25 min
     python experiments/budget_allocation.py --stage fm-finetune-rest  # FM 1/2, 1/8 tuned: ≈ 5 h
     python experiments/budget_allocation.py --stage rounds2        # FM knapsack-r2 rows: ≈ 1.5 h
-    python experiments/budget_allocation.py --stage rounds2-asym   # knapsack-r2-asym: ≈ 45 min
-    python experiments/budget_allocation.py --stage best           # knapsack-best: ≈ 1.5 h
+    python experiments/budget_allocation.py --stage rounds2-asym   # knapsack-r2-asym: ≈ 1 h
+    python experiments/budget_allocation.py --stage best           # knapsack-best: ≈ 2 h
     python experiments/budget_allocation.py --rebuild              # tables and plot only
     python experiments/budget_allocation.py --quick --out /tmp/q   # tests: < 1 min
 
@@ -52,10 +52,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("dsc", "bsconv", "spatial", "lowrank_in", "lowrank_out", "tucker2", "cp3", "cp4")
 PROJECTIONS = ("data-free", "symmetric", "asymmetric")
 MIXED = "mixed"
-ALLOCATIONS = ("uniform", "greedy", "knapsack", "knapsack-r2", "knapsack-r2-asym",
-               "knapsack-best")
-
-
 @dataclasses.dataclass(frozen=True)
 class Rescored:
     """A re-scored allocation row label: ``allocate(allocation, rounds=, keep_best=)``, round
@@ -72,6 +68,7 @@ ROUNDS = {"knapsack-r2": Rescored("knapsack", 2, as_converted=False),
           "knapsack-r2-asym": Rescored("knapsack", 2, as_converted=True),
           # rounds one and two and uniform, the best on the held-out images kept
           "knapsack-best": Rescored("knapsack", 2, as_converted=True, keep_best=True)}
+ALLOCATIONS = ("uniform", "greedy", "knapsack", *ROUNDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,19 +197,18 @@ def plan(setups: dict[str, Setup], stage: str = "all") -> list[Row]:
                 if r.allocation == "knapsack"]
 
     if fm:  # 1/8 first: where the one-round knapsack lost most
-        stages["rounds2"] = sorted(rescored(_rows(fm, [min(fm.checkpoints)], [0.125, 0.25])),
+        first = min(fm.checkpoints)
+        stages["rounds2"] = sorted(rescored(_rows(fm, [first], [0.125, 0.25])),
                                    key=lambda r: (r.fraction, r.projection != "asymmetric"))
         # the asymmetric rows again, round two fitted as the conversion fits (seed 0 at 1/8
         # and 1/4, then the other seeds at 1/8)
         stages["rounds2-asym"] = [
             dataclasses.replace(r, allocation="knapsack-r2-asym")
             for r in sorted(rescored(_rows(fm, sorted(fm.checkpoints), [0.125, 0.25])),
-                            key=lambda r: (r.seed != min(fm.checkpoints), r.fraction))
-            if r.projection == "asymmetric" and (r.seed == min(fm.checkpoints)
-                                                 or r.fraction == 0.125)]
+                            key=lambda r: (r.seed != first, r.fraction))
+            if r.projection == "asymmetric" and (r.seed == first or r.fraction == 0.125)]
         # every projection: seed 0 at 1/8 and 1/4 (its round two is cached), then the other
         # seeds at 1/4 (the README's fraction) before 1/8
-        first = min(fm.checkpoints)
         stages["best"] = [
             dataclasses.replace(r, allocation="knapsack-best")
             for r in sorted(rescored(_rows(fm, sorted(fm.checkpoints), [0.125, 0.25])),

@@ -182,12 +182,9 @@ def data_aware_projection(
     name = (f"data-aware:{n}:{digest[:12]}" + (f":{json.dumps(fit, sort_keys=True)}"
             if fit else "") + (f":{json.dumps(opts, sort_keys=True)}" if opts else ""))
     centered = {p: m.bias is not None for p, m in _convs(model).items()}
-    base = _DataAwareProjection(name, collect_input_stats(model, batches, paths), centered,
-                                opts, fit)
-    base.reconstruction = reconstruction
-    if reconstruction == "asymmetric":
-        base.contextual = (model, batches, paths)
-    return base
+    contextual = (model, batches, paths) if reconstruction == "asymmetric" else None
+    return _DataAwareProjection(name, collect_input_stats(model, batches, paths), centered,
+                                opts, fit, contextual)
 
 
 class _DataAwareProjection:
@@ -196,12 +193,16 @@ class _DataAwareProjection:
 
     KEEP = 4  # contexts whose statistics are kept (each is one set of per-layer covariances)
 
-    def __init__(self, name, stats, centered, options, fit):
+    def __init__(self, name, stats, centered, options, fit, contextual=None):
         self.name, self.stats, self.centered = name, stats, centered
         self.options, self.fit = options, fit
-        self.reconstruction = "symmetric"  # how a whole network of its fits is built
-        self.contextual: tuple | None = None  # (model, batches, paths) when asymmetric
+        self.contextual: tuple | None = contextual  # (model, batches, paths) when asymmetric
         self._contexts: dict[str, _DataAwareProjection] = {}
+
+    @property
+    def reconstruction(self) -> str:
+        """How a whole network of its fits is built."""
+        return "symmetric" if self.contextual is None else "asymmetric"
 
     def __call__(self, path: str, kernel: jax.Array, family: str, rank: Rank) -> jax.Array:
         from factorize.factorized import decompose
@@ -228,10 +229,9 @@ class _DataAwareProjection:
             stats = collect_input_stats(swapped, batches, paths, reference=model)
             if len(self._contexts) >= self.KEEP:
                 self._contexts.pop(next(iter(self._contexts)))
-            fitted = _DataAwareProjection(f"{self.name}:asymmetric:{key}", stats, self.centered,
-                                          self.options, self.fit)
-            fitted.reconstruction, fitted.contextual = self.reconstruction, self.contextual
-            self._contexts[key] = fitted
+            self._contexts[key] = _DataAwareProjection(
+                f"{self.name}:asymmetric:{key}", stats, self.centered, self.options, self.fit,
+                self.contextual)
         return self._contexts[key]
 
 
